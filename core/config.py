@@ -1,0 +1,125 @@
+"""Component configs: attrs classes built from user params, with one clear error per bad field."""
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from hybridize.errors import ConfigError
+
+
+@attrs.frozen(kw_only=True)
+class ComponentRef:
+    """A reference to a registered component: its name and the params of its config class."""
+
+    name: str = attrs.field(validator=attrs.validators.instance_of(str))
+    params: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+
+    @classmethod
+    def parse(cls, value: Any, *, where: str) -> ComponentRef:
+        """Accept ``"gdn"`` or ``{"name": "gdn", **params}``."""
+        if isinstance(value, ComponentRef):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+            params = {k: v for k, v in value.items() if k != "name"}
+            return cls(name=value["name"], params=params)
+        raise ConfigError(f"{where} must be a name or a mapping with a 'name' key; got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, coerced value) for the simple types configs use."""
+    if tp is Any or tp is None:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return True, None
+            ok, coerced = _check_type(value, arm)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is typing.Literal:
+        return value in typing.get_args(tp), value
+    if origin in (list, tuple, set, frozenset):
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return False, value
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        out = []
+        for item in value:
+            ok, coerced = _check_type(item, args[0]) if args else (True, item)
+            if not ok:
+                return False, value
+            out.append(coerced)
+        return True, origin(out)
+    if origin in (dict, Mapping):
+        return isinstance(value, Mapping), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value
+
+
+def build_config(config_cls: type, params: Mapping[str, Any] | None, *, context: str) -> Any:
+    """Build ``config_cls(**params)`` and turn every problem into one :class:`ConfigError`.
+
+    Args:
+        config_cls: an attrs class (the component's own config).
+        params: user parameters; unknown keys and wrong types are errors.
+        context: how the error names the component, e.g. ``"linear_attention 'gdn'"``.
+    """
+    params = dict(params or {})
+    if not attrs.has(config_cls):
+        raise ConfigError(f"{context}: config class {config_cls!r} is not an attrs class")
+    attrs.resolve_types(config_cls)
+    fields = {f.name: f for f in attrs.fields(config_cls) if f.init}
+    problems, clean = [], {}
+    for key, value in params.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{context} has no field {key!r}.{hint} Known fields: {', '.join(fields) or '(none)'}")
+            continue
+        ok, coerced = _check_type(value, fields[key].type)
+        if not ok:
+            problems.append(f"{context} field {key!r} must be {_type_name(fields[key].type)}; got {value!r}")
+        clean[key] = coerced
+    missing = [n for n, f in fields.items() if f.default is attrs.NOTHING and n not in params]
+    problems += [f"{context} field {n!r} is required" for n in missing]
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return config_cls(**clean)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{context} {_validator_message(exc)}") from exc
+
+
+def _validator_message(exc: Exception) -> str:
+    """Reword attrs validator errors as ``field 'x' must ...; got ...``."""
+    msg = str(exc)
+    # attrs: "'conv_size' must be >= 1: 0"
+    if msg.startswith("'") and ": " in msg and " must " in msg:
+        head, got = msg.rsplit(": ", 1)
+        return f"field {head}; got {got}"
+    return msg
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of an attrs config (tuples become lists)."""
+    return attrs.asdict(config, recurse=True, value_serializer=lambda _i, _f, v: list(v) if isinstance(v, tuple) else v)

@@ -1,0 +1,1 @@
+"""Evaluators (lm-eval tasks, held-out KL, perplexity)."""

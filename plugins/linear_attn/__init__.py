@@ -1,0 +1,1 @@
+"""Linear-attention variants: Gated DeltaNet (gdn) and Gated Linear Attention (gla)."""
