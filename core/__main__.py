@@ -1,0 +1,4 @@
+"""``python -m hybridize``: the same as the ``hybridize`` console script."""
+from hybridize.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""The ``hybridize`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from hybridize.errors import HybridizeError
+from hybridize.registry import KINDS
+
+
+def _config_fields(config_cls: type) -> dict[str, Any]:
+    out = {}
+    for f in attrs.fields(config_cls):
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        out[f.name] = None if default is attrs.NOTHING else default
+    return out
+
+
+def _plugins_payload(pm: Any) -> dict[str, Any]:
+    components = {}
+    for kind in KINDS:
+        rows = []
+        for name, entry in sorted(pm.registry(kind).items()):
+            row = entry.to_json()
+            row["params"] = _config_fields(entry.config_cls)
+            rows.append(row)
+        components[kind] = rows
+    return {"plugins": pm.plugin_info(), "components": components}
+
+
+def _print_plugins(payload: dict[str, Any]) -> None:
+    print("Plugins:")
+    for p in payload["plugins"]:
+        dist = f"{p['distribution']} {p['version']}" if p["distribution"] else "(not from a distribution)"
+        print(f"  {p['name']:<24} {dist:<28} hooks: {', '.join(p['hooks']) or '-'}")
+    for kind, rows in payload["components"].items():
+        print(f"\n{kind} ({len(rows)}):")
+        for r in rows:
+            dist = f"{r['distribution']} {r['version']}" if r["distribution"] else "-"
+            params = ", ".join(f"{k}={v!r}" for k, v in r["params"].items())
+            print(f"  {r['name']:<20} {r['module']:<40} {dist}")
+            if params:
+                print(f"  {'':<20} params: {params}")
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List plugins, their versions and hooks, and every registered component by kind."""
+    from hybridize.plugins_manager import get_plugin_manager
+
+    pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
+    payload = _plugins_payload(pm)
+    if args.json:
+        json.dump(payload, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        _print_plugins(payload)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hybridize import __version__
+
+    parser = argparse.ArgumentParser(prog="hybridize", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hybridize {__version__}")
+    parser.add_argument(
+        "--skip-broken-plugins", action="store_true", help="warn about plugins that fail to load instead of stopping"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list plugins and registered components")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hybridize`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HybridizeError as exc:
+        print(f"hybridize: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
