@@ -1,0 +1,175 @@
+"""Surgery: turn a teacher into a hybrid student.
+
+The student is a deep copy of the teacher in which every layer NOT in ``softmax_layers``
+gets a linear-attention module built by a variant plugin from that teacher layer's
+q/k/v/o weights. The teacher itself is never modified.
+"""
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hybridize.config import config_to_dict
+from hybridize.errors import ConfigError, PluginReturnError
+from hybridize.linear import PADDING_MASK, LinearAttention
+from hybridize.registry import Entry
+from hybridize.teacher import Teacher, attention_spec, decoder_layers, teacher_attention_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from hybridize.plugins_manager import HybridizePluginManager
+
+# tokens of PADDING_MASK.set calls made by the pre-hook, innermost last (per thread / context)
+_MASK_TOKENS: contextvars.ContextVar[tuple[contextvars.Token, ...]] = contextvars.ContextVar(
+    "hybridize_padding_mask_tokens", default=()
+)
+
+
+# -- validation --------------------------------------------------------------------------------
+def check_softmax_layers(value: Any, num_layers: int) -> list[int]:
+    """Validate ``softmax_layers`` against a model of ``num_layers`` layers; return it sorted.
+
+    Raises:
+        ConfigError: naming the field, the bad value and the valid range.
+    """
+    where = "build_student field 'softmax_layers' must"
+    valid = f"0 <= i < {num_layers} (the teacher has {num_layers} layers)"
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} be a list of layer indices {valid}; got {value!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ConfigError(f"{where} hold only int layer indices {valid}; got {value!r}")
+    problems = []
+    bad = [i for i in value if not 0 <= i < num_layers]
+    if bad:
+        problems.append(f"{where} hold layer indices {valid}; got {list(value)!r} (out of range: {bad})")
+    repeated = sorted({i for i in value if list(value).count(i) > 1})
+    if repeated:
+        problems.append(f"{where} not repeat a layer; got {list(value)!r} (repeated: {repeated})")
+    if problems:
+        raise ConfigError(problems)
+    return sorted(value)
+
+
+def _resolve_variant(variant: str | Entry, pm: HybridizePluginManager | None) -> Entry:
+    if isinstance(variant, Entry):
+        return variant
+    if pm is None:
+        from hybridize.plugins_manager import get_plugin_manager
+
+        pm = get_plugin_manager()
+    return pm.registry("linear_attention")[variant]
+
+
+# -- building --------------------------------------------------------------------------------------
+def _build_linear(teacher: nn.Module, layer_idx: int, entry: Entry, config: Any) -> LinearAttention:
+    """Build the variant for one layer from the teacher's weights, on the teacher's device and dtype."""
+    module = entry.factory(attention_spec(teacher, layer_idx), config)
+    if not isinstance(module, LinearAttention):
+        raise PluginReturnError(
+            f"linear_attention {entry.name!r} from {entry.origin.describe()}: its factory returned a "
+            f"{type(module).__name__}; expected a subclass of hybridize.LinearAttention"
+        )
+    module.load_teacher_weights(teacher_attention_weights(teacher, layer_idx))
+    ref = decoder_layers(teacher)[layer_idx].self_attn.q_proj.weight
+    return module.to(device=ref.device, dtype=ref.dtype)
+
+
+def _record(student: nn.Module, softmax: list[int], entry: Entry, config: Any) -> None:
+    n = len(decoder_layers(student))
+    student.config.hybridize = {
+        "softmax_layers": softmax,
+        "linear_layers": [i for i in range(n) if i not in softmax],
+        "variant": entry.name,
+        "variant_params": config_to_dict(config),
+        "plugin": {"distribution": entry.origin.distribution, "version": entry.origin.version},
+    }
+
+
+def build_student(
+    teacher: PreTrainedModel | Teacher,
+    softmax_layers: Sequence[int],
+    variant: str | Entry,
+    params: dict[str, Any] | None = None,
+    *,
+    pm: HybridizePluginManager | None = None,
+) -> PreTrainedModel:
+    """Build a hybrid student: a copy of the teacher with linear attention outside ``softmax_layers``.
+
+    Args:
+        teacher: a supported causal LM (or the :class:`~hybridize.teacher.Teacher` from ``load_teacher``).
+        softmax_layers: indices of the layers that keep softmax attention; all others become linear.
+        variant: a registered linear-attention name (e.g. ``"gdn"``) or a registry ``Entry``.
+        params: the variant's config params; unknown keys and wrong types are a ConfigError.
+        pm: the plugin manager to look ``variant`` up in; a fresh one by default.
+
+    Returns:
+        The student, trainable (``requires_grad`` True), with the padding hook installed and
+        ``config.hybridize`` recording the layers, the variant, its params and its plugin.
+
+    Raises:
+        ConfigError: bad ``softmax_layers`` or ``params``; an unknown variant name (did-you-mean).
+        UnsupportedArchitectureError: the teacher is not a supported family.
+    """
+    if isinstance(teacher, Teacher):
+        teacher = teacher.model
+    softmax = check_softmax_layers(softmax_layers, len(decoder_layers(teacher)))
+    entry = _resolve_variant(variant, pm)
+    config = entry.build_config(params)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    for i, layer in enumerate(decoder_layers(student)):
+        if i not in softmax:
+            layer.self_attn = _build_linear(teacher, i, entry, config).train(student.training)
+    _record(student, softmax, entry, config)
+    install_padding_hook(student)
+    return student
+
+
+# -- the padding hook ------------------------------------------------------------------------------
+def _mask_from_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _set_padding_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    token = PADDING_MASK.set(_mask_from_call(args, kwargs))
+    _MASK_TOKENS.set((*_MASK_TOKENS.get(), token))
+
+
+def _reset_padding_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    tokens = _MASK_TOKENS.get()
+    if tokens:
+        _MASK_TOKENS.set(tokens[:-1])
+        PADDING_MASK.reset(tokens[-1])
+
+
+def install_padding_hook(model: nn.Module) -> None:
+    """Let linear layers see the 2-D ``attention_mask`` of each forward (idempotent).
+
+    A forward pre-hook on the decoder backbone (``model.model``) sets
+    :data:`hybridize.linear.PADDING_MASK` from the ``attention_mask`` argument (None unless it
+    is 2-D), and a forward hook restores the previous value afterwards, also when the forward
+    raises. Call it again on hybrids loaded from disk.
+    """
+    backbone = model.model
+    if _set_padding_mask in backbone._forward_pre_hooks.values():
+        return
+    backbone.register_forward_pre_hook(_set_padding_mask, with_kwargs=True)
+    backbone.register_forward_hook(_reset_padding_mask, with_kwargs=True, always_call=True)
+
+
+# -- inspection ------------------------------------------------------------------------------------
+def linear_layers(model: nn.Module) -> list[int]:
+    """Indices of the layers whose attention is linear (a :class:`LinearAttention`)."""
+    return [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.self_attn, LinearAttention)]
+
+
+def softmax_layers(model: nn.Module) -> list[int]:
+    """Indices of the layers that keep the teacher's softmax attention."""
+    linear = set(linear_layers(model))
+    return [i for i in range(len(decoder_layers(model))) if i not in linear]
