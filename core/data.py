@@ -98,7 +98,7 @@ def load_documents(source: str | Sequence[str], *, field: str = "train", text_fi
         raise DataError(f"data field '{field}': cannot load {source!r}: {exc}") from exc
     if text_field not in ds.column_names:
         raise DataError(f"data field '{field}' has no column {text_field!r} (columns: {ds.column_names}); set data.text_field")
-    docs = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    docs = [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not docs:
         raise DataError(f"data field '{field}': {source!r} holds no non-empty documents")
     return docs
@@ -171,14 +171,15 @@ class BlockSampler:
 
     def next_indices(self) -> torch.Tensor:
         """The next batch of block indices (wraps to a new epoch when the current one runs out)."""
-        perm, out = self._perm(), []
-        while len(out) < self.batch_size:
+        perm, out, have = self._perm(), [], 0
+        while have < self.batch_size:
             if self.cursor >= self.n_blocks:
                 self.epoch, self.cursor = self.epoch + 1, 0
                 perm = self._perm()
-            take = min(self.batch_size - len(out), self.n_blocks - self.cursor)
+            take = min(self.batch_size - have, self.n_blocks - self.cursor)
             out.append(perm[self.cursor : self.cursor + take])
             self.cursor += take
+            have += take
         return torch.cat(out)
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -1,0 +1,220 @@
+"""A small, exact-resume training loop shared by stage 1, stage 2, stage 3 and probes.
+
+One optimizer step = ``batch_size`` blocks split into micro-batches (gradient accumulation).
+Checkpoints hold the trainable state, optimizer, scheduler, RNG states and the data position,
+and are written to a temporary name and renamed, so a kill at any moment leaves either the
+previous checkpoint or the new one, never half of one. Resuming from a checkpoint gives the
+same weights as an uninterrupted run (tests/unit/test_train.py proves it on CPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from hybridize.data import BlockSampler
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@attrs.frozen(kw_only=True)
+class LoopConfig:
+    """Optimisation settings of one stage."""
+
+    steps: int
+    batch_size: int
+    micro_batch_size: int
+    lr: float | list[float]
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    seed: int = 0
+
+
+def cosine_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay from 1 to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on CUDA, nothing (fp32) on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@attrs.define(slots=False)
+class Loop:
+    """Runs ``cfg.steps`` optimizer steps of ``loss_fn`` over ``blocks``.
+
+    Args:
+        name: stage name, for progress bars, hooks and checkpoint files.
+        model: the module whose ``state_dict`` is checkpointed (only trainable tensors are saved).
+        param_groups: AdamW parameter groups; ``cfg.lr`` gives one lr per group.
+        loss_fn: maps a (micro_batch, T) block of token ids to a scalar loss.
+        blocks: (N, T) token ids on CPU.
+        cfg: the loop settings.
+        ckpt_path: checkpoint file, or None for no checkpoints.
+        evaluate: called every ``cfg.eval_every`` steps and at the end; returns metrics.
+        on_step: called after every step with (step, tokens, metrics); may raise to stop.
+    """
+
+    name: str
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    loss_fn: LossFn
+    blocks: torch.Tensor
+    cfg: LoopConfig
+    device: torch.device
+    ckpt_path: Path | None = None
+    evaluate: Callable[[], dict[str, float]] | None = None
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None
+    progress: bool = True
+    step: int = 0
+    tokens: int = 0
+    history: list[dict[str, Any]] = attrs.field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        lrs = self.cfg.lr if isinstance(self.cfg.lr, list) else [self.cfg.lr] * len(self.param_groups)
+        groups = [dict(g, lr=lr) for g, lr in zip(self.param_groups, lrs)]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay, fused=fused)
+        lam = cosine_lambda(self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+        self.sampler = BlockSampler(self.blocks.shape[0], self.cfg.batch_size, seed=self.cfg.seed)
+        self._trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        params = dict(self.model.named_parameters())
+        return {
+            "name": self.name, "step": self.step, "tokens": self.tokens, "history": self.history,
+            "model": {n: params[n].detach().cpu() for n in self._trainable},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["model"].items():
+                params[n].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
+
+    def save(self) -> None:
+        if self.ckpt_path is not None:
+            atomic_torch_save(self.state_dict(), self.ckpt_path)
+
+    def try_resume(self) -> bool:
+        """Load the checkpoint if one exists; True when resumed."""
+        if self.ckpt_path is None or not self.ckpt_path.exists():
+            return False
+        self.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _one_step(self) -> float:
+        idx = self.sampler.next_indices()
+        n_micro = math.ceil(len(idx) / self.cfg.micro_batch_size)
+        total = 0.0
+        for part in idx.split(self.cfg.micro_batch_size):
+            batch = self.blocks[part].to(self.device, non_blocking=True)
+            with autocast_for(self.device):
+                loss = self.loss_fn(batch) / n_micro
+            loss.backward()
+            total += float(loss.detach())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += len(idx) * self.blocks.shape[1]
+        return total
+
+    def _maybe_eval(self, force: bool = False) -> dict[str, float]:
+        due = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+        if self.evaluate is None or not (due or force):
+            return {}
+        if self.history and self.history[-1].get("step") == self.step:
+            return {}
+        metrics = self.evaluate()
+        self.history.append({"step": self.step, "tokens": self.tokens, **metrics})
+        return metrics
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run (or finish, after a resume) the loop; returns the evaluation history."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.name, disable=not self.progress, unit="step")
+        t0, tok0 = time.perf_counter(), self.tokens
+        while self.step < self.cfg.steps:
+            loss = self._one_step()
+            metrics = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], **self._maybe_eval()}
+            rate = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save()
+            if self.on_step is not None:
+                self.on_step(self.step, self.tokens, metrics)
+        bar.close()
+        self._maybe_eval(force=True)
+        self.save()
+        return self.history
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], is_attention: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Split parameters into [attention, other] groups (empty groups dropped later by the caller)."""
+    attn, other = [], []
+    for n, p in named:
+        if p.requires_grad:
+            (attn if is_attention(n) else other).append(p)
+    return [{"params": attn, "name": "attention"}, {"params": other, "name": "other"}]
