@@ -50,7 +50,7 @@ def check_softmax_layers(value: Any, num_layers: int) -> list[int]:
         problems.append(f"{where} hold layer indices {valid}; got {list(value)!r} (out of range: {bad})")
     repeated = sorted({i for i in value if list(value).count(i) > 1})
     if repeated:
-        problems.append(f"{where} not repeat a layer; got {list(value)!r} (repeated: {repeated})")
+        problems.append(f"{where} hold distinct layer indices {valid}; got {list(value)!r} (repeated: {repeated})")
     if problems:
         raise ConfigError(problems)
     return sorted(value)
