@@ -1,6 +1,9 @@
 """hybridize: distil a softmax-attention LLM into a linear/softmax hybrid with KL-guided layer selection."""
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +26,15 @@ _LAZY = {
     "load_teacher": "hybridize.teacher",
     "build_student": "hybridize.surgery",
     "SUPPORTED_ARCHITECTURES": "hybridize.teacher",
+    "load_hybrid": "hybridize.modeling",
+    "save_hybrid": "hybridize.modeling",
+    "HybridCache": "hybridize.cache",
 }
 
 if TYPE_CHECKING:
+    from hybridize.cache import HybridCache
     from hybridize.config import ComponentRef
+    from hybridize.modeling import load_hybrid, save_hybrid
     from hybridize.linear import AttentionSpec, LinearAttention, TeacherAttentionWeights
     from hybridize.plugins_manager import HybridizePluginManager, get_plugin_manager
     from hybridize.registry import Entry, Registry
@@ -41,3 +49,39 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["hookimpl", "__version__", *_LAZY]
+
+
+# -- registering hybrid model types with transformers --------------------------------------------
+# `AutoModelForCausalLM.from_pretrained(hybrid_dir)` must work after `import hybridize`, but importing
+# transformers' model classes takes seconds, which `hybridize plugins` should not pay. So the
+# registration runs as soon as transformers itself is imported (now, if it already is).
+def _register_hybrids() -> None:
+    from hybridize.modeling import register_with_transformers
+
+    register_with_transformers()
+
+
+class _AfterTransformersImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`_register_hybrids` right after ``import transformers`` completes."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            _register_hybrids()
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_hybrids()
+elif not any(isinstance(f, _AfterTransformersImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterTransformersImport())

@@ -1,0 +1,146 @@
+"""Hybrid model classes: save_pretrained / from_pretrained / generate for hybrids.
+
+For each supported family there is a config subclass with model type ``hybridize_<family>``
+(the teacher's config plus a ``hybridize`` section) and a model subclass that (1) rebuilds the
+linear-attention layers named in that section when constructed, so ``from_pretrained`` finds a
+home for every saved weight, and (2) gives ``forward`` and ``generate`` a :class:`HybridCache`.
+They add no state of their own, so a student built from a teacher becomes a hybrid by a class
+change (:func:`as_hybrid`) without copying weights.
+
+``import hybridize`` registers these classes with transformers' Auto classes as soon as
+transformers is imported, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a hybrid.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from hybridize.cache import HybridCache
+from hybridize.errors import HybridizeError
+from hybridize.linear import LinearAttention
+from hybridize.teacher import SUPPORTED_ARCHITECTURES, attention_spec, decoder_layers
+
+PREFIX = "hybridize_"
+
+
+class HybridMixin:
+    """Methods shared by every hybrid model class (placed before the family's model class)."""
+
+    def _hybrid_cache(self) -> HybridCache:
+        layers = decoder_layers(self)
+        linear = [i for i, l in enumerate(layers) if isinstance(l.self_attn, LinearAttention)]
+        return HybridCache(len(layers), linear)
+
+    def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = self._hybrid_cache()
+        return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise HybridizeError(
+                    f"generation field 'cache_implementation' must be 'dynamic' for a hybrid; "
+                    f"got {generation_config.cache_implementation!r}"
+                )
+            model_kwargs["past_key_values"] = self._hybrid_cache()
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def _rebuild_linear_layers(model: nn.Module) -> None:
+    """Replace the attention of the layers listed in ``config.hybridize`` by empty variant modules."""
+    from hybridize.plugins_manager import get_plugin_manager
+
+    section = getattr(model.config, "hybridize", None) or {}
+    linear = section.get("linear_layers", [])
+    if not linear:
+        return
+    name = section.get("variant")
+    try:
+        entry = get_plugin_manager().registry("linear_attention")[name]
+    except KeyError as exc:
+        plugin = section.get("plugin") or {}
+        raise HybridizeError(
+            f"this hybrid uses linear attention {name!r} from {plugin.get('distribution')} {plugin.get('version')}, "
+            f"which is not installed here ({exc}); install that plugin to load it"
+        ) from None
+    config = entry.build_config(section.get("variant_params") or {})
+    layers = decoder_layers(model)
+    for i in linear:
+        ref = layers[i].self_attn.o_proj.weight
+        layers[i].self_attn = entry.factory(attention_spec(model, i), config).to(device=ref.device, dtype=ref.dtype)
+
+
+@functools.cache
+def hybrid_classes(family: str) -> tuple[type, type]:
+    """(config class, model class) of the hybrid of one family, created once."""
+    arch = next(a for a, lay in SUPPORTED_ARCHITECTURES.items() if lay.family == family)
+    base_model = getattr(__import__("transformers", fromlist=[arch]), arch)
+    base_config = base_model.config_class
+    cfg_cls = type(f"Hybrid{base_config.__name__}", (base_config,), {"model_type": PREFIX + family})
+
+    def __init__(self: Any, config: Any) -> None:
+        from hybridize.surgery import install_padding_hook
+
+        base_model.__init__(self, config)
+        _rebuild_linear_layers(self)
+        install_padding_hook(self)
+
+    model_cls = type(f"Hybrid{arch}", (HybridMixin, base_model), {"config_class": cfg_cls, "__init__": __init__})
+    cfg_cls.__module__ = model_cls.__module__ = __name__
+    return cfg_cls, model_cls
+
+
+def register_with_transformers() -> None:
+    """Register every family's hybrid with AutoConfig / AutoModelForCausalLM (idempotent)."""
+    for layout in SUPPORTED_ARCHITECTURES.values():
+        cfg_cls, model_cls = hybrid_classes(layout.family)
+        try:
+            AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+            AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+        except TypeError:  # older signatures without exist_ok
+            AutoConfig.register(cfg_cls.model_type, cfg_cls)
+            AutoModelForCausalLM.register(cfg_cls, model_cls)
+
+
+def as_hybrid(model: PreTrainedModel) -> PreTrainedModel:
+    """Turn a student built by surgery (a teacher-class instance) into its hybrid class, in place."""
+    if isinstance(model, HybridMixin):
+        return model
+    layout = next(lay for cls in type(model).__mro__ if (lay := SUPPORTED_ARCHITECTURES.get(cls.__name__)))
+    cfg_cls, model_cls = hybrid_classes(layout.family)
+    model.config.__class__ = cfg_cls
+    model.config.architectures = [model_cls.__name__]
+    model.__class__ = model_cls
+    return model
+
+
+def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None, *, extra: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained`` a hybrid (config with its ``hybridize`` section, safetensors, tokenizer)."""
+    model = as_hybrid(model)
+    if extra:
+        model.config.hybridize = {**model.config.hybridize, **extra}
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a saved hybrid (the same as ``AutoModelForCausalLM.from_pretrained`` after ``import hybridize``)."""
+    from hybridize.surgery import install_padding_hook
+
+    register_with_transformers()
+    config = AutoConfig.from_pretrained(path)
+    if not str(getattr(config, "model_type", "")).startswith(PREFIX):
+        raise HybridizeError(f"{str(path)!r} is a {config.model_type!r} checkpoint, not a hybrid saved by hybridize")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    install_padding_hook(model)
+    return model.to(device) if device is not None else model
