@@ -15,8 +15,10 @@ A variant is given as a registry :class:`~hybridize.registry.Entry` (its config 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,35 @@ from hybridize.registry import Entry
 PERTURB = 0.2
 #: relative tolerance of float64 equalities (chunk vs recurrent, decoding vs parallel, padding)
 TOL = 1e-6
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch ops on one intra-op thread, then restore the previous count.
+
+    The checks use tiny tensors: extra threads only add synchronisation, which on a loaded
+    2-core machine made the suite ~30x slower.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _tiny(fn: _F) -> _F:
+    """Decorator: run a check :func:`single_threaded`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with single_threaded():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # -- building blocks ------------------------------------------------------------------------
@@ -148,6 +179,7 @@ def _name(variant: Entry | type) -> str:
 
 # -- module checks --------------------------------------------------------------------------
 
+@_tiny
 def check_shapes(variant: Entry | type, *, config: Any = None, spec: AttentionSpec | None = None, seed: int = 0) -> None:
     """Output shape and dtype equal the input's in both modes; a state only when asked for."""
     name, spec = _name(variant), spec or make_spec()
@@ -168,6 +200,7 @@ def check_shapes(variant: Entry | type, *, config: Any = None, spec: AttentionSp
             raise AssertionError(f"{name}: forward (Hugging Face signature) must return (output (B, T, hidden), None)")
 
 
+@_tiny
 def check_causal(variant: Entry | type, *, config: Any = None, spec: AttentionSpec | None = None, seed: int = 0) -> None:
     """Perturbing tokens after t leaves outputs up to t unchanged, and does change output t+1."""
     name, spec = _name(variant), spec or make_spec()
@@ -184,6 +217,7 @@ def check_causal(variant: Entry | type, *, config: Any = None, spec: AttentionSp
             raise AssertionError(f"{name}: output {t + 1} does not depend on input {t + 1}")
 
 
+@_tiny
 def check_chunk_matches_recurrent(variant: Entry | type, *, config: Any = None, spec: AttentionSpec | None = None,
                                   seed: int = 0, T: int = 70) -> None:
     """mode="chunk" equals mode="recurrent" (float64, torch backend), fresh and from a state."""
@@ -202,6 +236,7 @@ def check_chunk_matches_recurrent(variant: Entry | type, *, config: Any = None, 
     assert_states_close(cs1, rs1, what=f"{name}: chunk vs recurrent state continuing from a state")
 
 
+@_tiny
 def check_decoding_matches_parallel(variant: Entry | type, *, config: Any = None, spec: AttentionSpec | None = None,
                                     seed: int = 0) -> None:
     """Prefix (chunk) -> block (chunk, with state) -> single tokens through ``forward`` with a cache
@@ -221,6 +256,7 @@ def check_decoding_matches_parallel(variant: Entry | type, *, config: Any = None
         raise AssertionError(f"{name}: forward must report {T - P2} decoded tokens to the cache; got {cache.seen[spec.layer_idx] - P2}")
 
 
+@_tiny
 def check_padding(variant: Entry | type, *, config: Any = None, spec: AttentionSpec | None = None, seed: int = 0) -> None:
     """A padded batch (left-padded, right-padded and full rows, junk in the padding) equals each row
     run alone on its real tokens: outputs there and the final state, in both modes."""
@@ -240,6 +276,7 @@ def check_padding(variant: Entry | type, *, config: Any = None, spec: AttentionS
             assert_states_close(state, si, what=f"{what}, final state", rows=slice(i, i + 1))
 
 
+@_tiny
 def check_gradients_finite(variant: Entry | type, *, config: Any = None, spec: AttentionSpec | None = None,
                            seed: int = 0) -> None:
     """float32, chunk mode, large inputs and a padded row: every trainable parameter and the input
@@ -260,6 +297,7 @@ def check_gradients_finite(variant: Entry | type, *, config: Any = None, spec: A
         raise AssertionError(f"{name}: parameters without gradient {missing}, with non-finite gradient {bad}")
 
 
+@_tiny
 def check_teacher_weights_loaded(variant: Entry | type, *, config: Any = None, spec: AttentionSpec | None = None,
                                  seed: int = 0) -> None:
     """q_proj/o_proj equal the teacher's; k_proj/v_proj hold, head by head, the teacher's KV head
@@ -343,6 +381,7 @@ def random_op_inputs(op: str, B: int, T: int, H: int, K: int, V: int, *, seed: i
     return x
 
 
+@_tiny
 def check_op_chunk_matches_naive(op: str, *, B: int = 2, T: int = 37, H: int = 2, K: int = 8, V: int = 4,
                                  chunk_size: int = 16, seed: int = 0, decay: float = 1.0, tol: float = TOL) -> None:
     """The torch chunked op equals its naive recurrence in float64 (output and final state,
