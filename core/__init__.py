@@ -56,9 +56,7 @@ __all__ = ["hookimpl", "__version__", *_LAZY]
 # transformers' model classes takes seconds, which `hybridize plugins` should not pay. So the
 # registration runs as soon as transformers itself is imported (now, if it already is).
 def _register_hybrids() -> None:
-    from hybridize.modeling import register_with_transformers
-
-    register_with_transformers()
+    import_module("hybridize.modeling")  # registers at the end of its import (also when it is mid-import now)
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):

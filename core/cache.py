@@ -29,6 +29,7 @@ class LinearStateLayer(DynamicLayer):
         super().__init__()
         self.state: State | None = None
         self.seen = 0
+        self.device: torch.device | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):  # type: ignore[override]
         raise HybridizeError("a linear-attention layer has no keys/values; use get_linear_state / set_linear_state")

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from hybridize.cache import HybridCache
 from hybridize.errors import HybridizeError
 from hybridize.linear import LinearAttention
 from hybridize.teacher import SUPPORTED_ARCHITECTURES, attention_spec, decoder_layers
@@ -31,7 +30,9 @@ PREFIX = "hybridize_"
 class HybridMixin:
     """Methods shared by every hybrid model class (placed before the family's model class)."""
 
-    def _hybrid_cache(self) -> HybridCache:
+    def _hybrid_cache(self) -> Any:
+        from hybridize.cache import HybridCache  # not at import: this module loads while transformers does
+
         layers = decoder_layers(self)
         linear = [i for i, l in enumerate(layers) if isinstance(l.self_attn, LinearAttention)]
         return HybridCache(len(layers), linear)
@@ -116,6 +117,8 @@ def as_hybrid(model: PreTrainedModel) -> PreTrainedModel:
     layout = next(lay for cls in type(model).__mro__ if (lay := SUPPORTED_ARCHITECTURES.get(cls.__name__)))
     cfg_cls, model_cls = hybrid_classes(layout.family)
     model.config.__class__ = cfg_cls
+    if "model_type" in vars(model.config):
+        model.config.model_type = cfg_cls.model_type
     model.config.architectures = [model_cls.__name__]
     model.__class__ = model_cls
     return model
@@ -144,3 +147,6 @@ def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, d
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     install_padding_hook(model)
     return model.to(device) if device is not None else model
+
+
+register_with_transformers()

@@ -56,6 +56,13 @@ def check_softmax_layers(value: Any, num_layers: int) -> list[int]:
     return sorted(value)
 
 
+def as_hybrid(model: nn.Module) -> nn.Module:
+    """Give a student its hybrid class (cache handling, save/load); see :mod:`hybridize.modeling`."""
+    from hybridize.modeling import as_hybrid as convert
+
+    return convert(model)
+
+
 def _resolve_variant(variant: str | Entry, pm: HybridizePluginManager | None) -> Entry:
     if isinstance(variant, Entry):
         return variant
@@ -127,7 +134,7 @@ def build_student(
             layer.self_attn = _build_linear(teacher, i, entry, config).train(student.training)
     _record(student, softmax, entry, config)
     install_padding_hook(student)
-    return student
+    return as_hybrid(student)
 
 
 # -- the padding hook ------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def check_supported(model: nn.Module) -> AttentionLayout:
     name = getattr(model, "name_or_path", "") or type(model).__name__
     for cls in type(model).__mro__:
         layout = SUPPORTED_ARCHITECTURES.get(cls.__name__)
-        if layout is not None and layout.model_type == model_type:
+        if layout is not None and model_type in (layout.model_type, f"hybridize_{layout.model_type}"):
             return layout
     raise _unsupported(name, type(model).__name__, model_type)
 

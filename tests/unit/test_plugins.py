@@ -43,7 +43,7 @@ class ThirdParty:
 
 def fake_distribution(tmp_path, monkeypatch, *, name, version, entry_points, modules):
     """Install a real (tiny) distribution on sys.path: dist-info with entry points + modules."""
-    info = tmp_path / f"{name}-{version}.dist-info"
+    info = tmp_path / f"{name.replace('-', '_')}-{version}.dist-info"  # dist-info names use _
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
