@@ -64,6 +64,32 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil a hybrid with explicit softmax layers: stage 1 -> 2 (-> 3), save OUT/model and OUT/result.json."""
+    from hybridize.pipeline import distill
+    from hybridize.runconfig import load_run_config
+
+    cfg = load_run_config(args.config, args.set)
+    result = distill(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    m = result["metrics"]
+    print(f"\nsoftmax layers {result['softmax_layers']}, {result['linear_attention']} elsewhere")
+    for key in ("heldout_kl_after_surgery", "heldout_kl_after_stage1", "heldout_kl_after_stage2", "heldout_kl", "student_ppl", "teacher_ppl"):
+        if key in m:
+            print(f"  {key:<28} {m[key]:.4f}")
+    print(f"  tokens: {result['tokens']}")
+    print(f"wrote {args.out}/result.json, {args.out}/distill.png and the hybrid in {args.out}/model ({result['wall_seconds']} s)")
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. distill.stage2_tokens=1e6")
+    p.add_argument("--out", default="out", help="output directory (default: out)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hybridize import __version__
 
@@ -76,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and registered components")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("distill", help="distil a hybrid with an explicit list of softmax layers")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

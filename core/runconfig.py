@@ -1,0 +1,145 @@
+"""The run configuration (YAML): teacher, data, variant, softmax layers, distillation budgets, seed.
+
+Every problem in a config is collected into one :class:`~hybridize.errors.ConfigError` that names
+the field and the fix. ``--set a.b=value`` overrides parse ``value`` as YAML.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from hybridize.config import ComponentRef, build_config, config_to_dict
+from hybridize.data import DataConfig
+from hybridize.distill import DistillConfig
+from hybridize.errors import ConfigError
+
+SoftmaxLayers = int | float | list[int]
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """A resolved run configuration.
+
+    Args:
+        teacher: local directory or hub id of the teacher.
+        data: the data section (:class:`~hybridize.data.DataConfig`).
+        linear_attention: the variant and its params, e.g. ``{name: gdn, use_short_conv: true}``.
+        softmax_layers: K (int), a ratio in (0, 1), or an explicit list of layer indices.
+        distill: stage budgets (:class:`~hybridize.distill.DistillConfig`).
+        seed: seed of data order and initialisation.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    teacher: str
+    data: DataConfig
+    linear_attention: ComponentRef = ComponentRef(name="gdn")
+    softmax_layers: SoftmaxLayers = 0.25
+    distill: DistillConfig = DistillConfig()
+    seed: int = 0
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = config_to_dict(self)
+        out["linear_attention"] = {"name": self.linear_attention.name, **self.linear_attention.params}
+        return out
+
+
+def _check_softmax_layers(value: Any) -> list[str]:
+    rule = "be an int K >= 1, a ratio in (0, 1), or a list of layer indices"
+    if isinstance(value, bool):
+        return [f"run field 'softmax_layers' must {rule}; got {value!r}"]
+    if isinstance(value, int) and value >= 1:
+        return []
+    if isinstance(value, float) and 0 < value < 1:
+        return []
+    if isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        return []
+    return [f"run field 'softmax_layers' must {rule}; got {value!r}"]
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'`` (creating mappings on the way)."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p!r} is not a mapping")
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a config tree."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set must look like key.path=value; got {item!r}")
+        key, raw = item.split("=", 1)
+        set_path(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _section(tree: Mapping[str, Any], key: str, cls: type, problems: list[str]) -> Any:
+    try:
+        return build_config(cls, tree.get(key) or {}, context=key)
+    except ConfigError as exc:
+        problems += exc.problems
+        return None
+
+
+def run_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> RunConfig:
+    """Validate a config tree; all problems are reported together."""
+    fields = [f.name for f in attrs.fields(RunConfig)]
+    problems = []
+    for key in tree:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            problems.append(f"run config has no field {key!r}.{hint} Known fields: {', '.join(fields)}")
+    if "teacher" not in tree:
+        problems.append("run field 'teacher' is required: a local directory or hub id")
+    elif not isinstance(tree["teacher"], str):
+        problems.append(f"run field 'teacher' must be a path or hub id; got {tree['teacher']!r}")
+    if "data" not in tree:
+        problems.append("run field 'data' is required, with at least data.train")
+    data = _section(tree, "data", DataConfig, problems) if "data" in tree else None
+    distill = _section(tree, "distill", DistillConfig, problems)
+    variant = _variant(tree.get("linear_attention", "gdn"), pm, problems)
+    softmax = tree.get("softmax_layers", 0.25)
+    problems += _check_softmax_layers(softmax)
+    seed = tree.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        problems.append(f"run field 'seed' must be int; got {seed!r}")
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(teacher=tree["teacher"], data=data, linear_attention=variant, softmax_layers=softmax,
+                     distill=distill, seed=seed, device=str(tree.get("device", "auto")))
+
+
+def _variant(value: Any, pm: Any, problems: list[str]) -> ComponentRef | None:
+    try:
+        ref = ComponentRef.parse(value, where="run field 'linear_attention'")
+        if pm is None:
+            from hybridize.plugins_manager import get_plugin_manager
+
+            pm = get_plugin_manager()
+        pm.registry("linear_attention")[ref.name].build_config(ref.params)
+        return ref
+    except ConfigError as exc:
+        problems += exc.problems
+        return None
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = (), *, pm: Any = None) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return run_config_from_dict(apply_overrides(tree, overrides), pm=pm)
