@@ -176,3 +176,41 @@ class ToyVariantPlugin:
     @hookimpl
     def hybridize_register_linear_attention(self, register: Any) -> None:
         register("toy-cumsum", CumsumAttention, CumsumConfig)
+
+
+# -- a tiny tokenizer and a saved teacher directory ---------------------------------------------
+#: characters of the tiny tokenizer, after the 4 special tokens (<pad>, <s>, </s>, <unk>)
+CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'\n0123456789:;-ABCDEFGHIJKLMN"
+
+
+def tiny_tokenizer(vocab: int = 64) -> Any:
+    """A character-level ``PreTrainedTokenizerFast`` with ``vocab`` ids (pad 0, bos 1, eos 2, unk 3).
+
+    Built in memory from the ``tokenizers`` library: no download. Characters beyond the
+    vocabulary map to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in CHARS if c not in specials][: vocab - len(specials)]
+    table = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left", clean_up_tokenization_spaces=False,
+    )
+
+
+def save_tiny_teacher(path: Any, family: str = "llama", *, seed: int = 0, **config_kwargs: Any) -> Any:
+    """Save a tiny random teacher and its tiny tokenizer as a Hugging Face directory; return the path."""
+    from pathlib import Path
+
+    path = Path(path)
+    model = tiny_model(family, seed=seed, **config_kwargs)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 0
+    model.save_pretrained(path)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path

@@ -1,0 +1,66 @@
+"""Saving and loading hybrids: save_pretrained, load_hybrid, AutoModelForCausalLM after import hybridize."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybridize.errors import HybridizeError
+from hybridize.modeling import load_hybrid, save_hybrid
+from hybridize.surgery import build_student
+from hybridize.testing.models import FAMILIES, tiny_model, tiny_tokenizer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip(tmp_path, family):
+    student = build_student(tiny_model(family, n_layer=3), [1], "gdn").eval()
+    save_hybrid(student, tmp_path / "m", tiny_tokenizer())
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == f"hybridize_{family}"
+    assert cfg["hybridize"]["softmax_layers"] == [1] and cfg["hybridize"]["linear_layers"] == [0, 2]
+    assert cfg["hybridize"]["variant"] == "gdn" and cfg["hybridize"]["plugin"]["distribution"] == "hybridize"
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+    loaded = load_hybrid(tmp_path / "m").eval()
+    ids = torch.randint(3, 64, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+
+
+def test_auto_model_after_import_hybridize_in_either_order(tmp_path):
+    student = build_student(tiny_model("qwen2", n_layer=2), [0], "gla").eval()
+    save_hybrid(student, tmp_path / "m")
+    ids = torch.randint(3, 64, (1, 6))
+    with torch.no_grad():
+        expected = student(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "x.pt")
+    for first, second in (("hybridize", "transformers"), ("transformers", "hybridize")):
+        code = (
+            f"import {first}, {second}, torch\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}).eval()\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            "with torch.no_grad(): print(type(m).__name__, torch.equal(m(x['ids']).logits, x['logits']))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.strip() == "HybridQwen2ForCausalLM True", out.stderr[-1500:]
+
+
+def test_loading_a_plain_model_as_hybrid_is_refused(tmp_path):
+    tiny_model("llama", n_layer=2).save_pretrained(tmp_path / "plain")
+    with pytest.raises(HybridizeError, match="not a hybrid saved by hybridize"):
+        load_hybrid(tmp_path / "plain")
+
+
+def test_missing_variant_plugin_names_it(tmp_path):
+    student = build_student(tiny_model("llama", n_layer=2), [0], "gdn")
+    save_hybrid(student, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["hybridize"]["variant"] = "fancy-attn"
+    cfg["hybridize"]["plugin"] = {"distribution": "hybridize-fancy", "version": "2.0"}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(HybridizeError, match="'fancy-attn' from hybridize-fancy 2.0, which is not installed"):
+        load_hybrid(tmp_path / "m")
