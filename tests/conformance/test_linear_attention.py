@@ -149,7 +149,7 @@ def test_op_chunk_matches_naive(op, shape):
     cf.check_op_chunk_matches_naive(op, B=B, T=T, H=H, K=K, V=V, chunk_size=C, decay=decay)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
 @given(
     op=st.sampled_from(["gdn", "gla"]), B=st.integers(1, 2), T=st.integers(1, 40), H=st.integers(1, 3),
     K=st.integers(1, 9), V=st.integers(1, 9), C=st.integers(1, 20), decay=st.sampled_from([0.0, 0.3, 1.0, 30.0]),
@@ -361,5 +361,50 @@ def test_fla_matches_torch_reference(op, mode):
     fn = gated_delta_rule if op == "gdn" else gla
     o, s = fn(*x.values(), initial_state=h0, output_final_state=True, mode=mode, backend="fla")
     o_ref, s_ref = fn(*(t.double() for t in x.values()), initial_state=h0.double(), output_final_state=True, backend="torch")
-    cf.assert_close(o, o_ref, what=f"{op} {mode} fla vs torch output", tol=1e-3)
-    cf.assert_close(s, s_ref, what=f"{op} {mode} fla vs torch state", tol=1e-3)
+    cf.assert_close(o, o_ref, what=f"{op} {mode} fla vs torch output", tol=5e-3)  # fla's chunk kernels use tf32
+    cf.assert_close(s, s_ref, what=f"{op} {mode} fla vs torch state", tol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "gla"])
+def test_fla_gradients_match_torch_reference(op):
+    if not fla_available():
+        pytest.skip("needs CUDA and an importable fla")
+    x = {k: t.float().cuda().requires_grad_(True) for k, t in cf.random_op_inputs(op, 2, 200, 2, 64, 64).items()}
+    x64 = {k: t.detach().double().requires_grad_(True) for k, t in x.items()}
+    fn = gated_delta_rule if op == "gdn" else gla
+    grads = []
+    for inputs, backend in ((x, "fla"), (x64, "torch")):
+        h0 = inputs["initial_state"]
+        args = [t for k, t in inputs.items() if k != "initial_state"]
+        o, s = fn(*args, initial_state=h0, output_final_state=True, backend=backend)
+        try:
+            grads.append(torch.autograd.grad(o.double().square().sum() + s.double().square().sum(), [*args, h0]))
+        except RuntimeError as exc:
+            if "#640" in str(exc):
+                pytest.skip(f"fla refuses its gated backward with this triton: {exc}")
+            raise
+    for name, a, b in zip(x, *grads):
+        cf.assert_close(a, b, what=f"{op} d{name}: fla vs torch", tol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fla_module_matches_torch_backend(registry, name, dtype):
+    entry = registry[name]
+    if "fla-kernels" not in entry.capabilities or not fla_available():
+        pytest.skip("variant without fla kernels, or no CUDA / fla here")
+    spec = cf.make_spec(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64)
+    mod = cf.build_variant(entry, spec=spec, dtype=dtype, perturb=0.02).cuda()
+    x = cf.random_inputs(spec, 2, 200, dtype=dtype).cuda()
+    mask = torch.ones(2, 200, dtype=torch.long, device="cuda")
+    mask[1, :13] = 0
+    tol = 5e-3 if dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        for mode in ("chunk", "recurrent"):
+            y_f, s_f = mod.mix(x, padding_mask=mask, output_state=True, mode=mode, backend="fla")
+            y_t, s_t = mod.mix(x, padding_mask=mask, output_state=True, mode=mode, backend="torch")
+            assert y_f.dtype == dtype
+            cf.assert_close(y_f, y_t, what=f"{name} {mode} {dtype}: fla vs torch output", tol=tol)
+            cf.assert_states_close(s_f, s_t, what=f"{name} {mode} {dtype}: fla vs torch state", tol=tol)
