@@ -144,7 +144,8 @@ class ShortConvolution(nn.Module):
     def __init__(self, channels: int, kernel_size: int, *, bias: bool = False, activation: str | None = "silu",
                  conv_init: str = "identity"):
         super().__init__()
-        check_choice("ShortConvolution", "activation", str(activation), ("silu", "None"))
+        if activation not in ("silu", None):
+            raise ValueError(f"ShortConvolution field 'activation' must be 'silu' or None; got {activation!r}")
         check_choice("ShortConvolution", "conv_init", conv_init, ("identity", "random"))
         if kernel_size < 2:
             raise ValueError(f"ShortConvolution field 'kernel_size' must be >= 2; got {kernel_size!r}")
