@@ -41,7 +41,8 @@ def make_inputs(variant: str, B: int, T: int, H: int, D: int, dtype: torch.dtype
         x["beta"] = torch.sigmoid(rnd(B, T, H))
     else:
         x["gk"] = F.logsigmoid(rnd(B, T, H, D) + 3.0) / 4.0
-    return {k: v.to(dtype).requires_grad_(True) for k, v in x.items()}
+    # fla keeps recurrent states in fp32 (and asserts it), so the initial state stays fp32
+    return {k: v.to(torch.float32 if k == "h0" else dtype).requires_grad_(True) for k, v in x.items()}
 
 
 def run_op(variant: str, x: dict, backend: str, mode: str = "chunk"):
@@ -60,6 +61,7 @@ def grads(variant: str, x: dict, backend: str, do: torch.Tensor, dht: torch.Tens
 
 
 def accuracy(variant: str, dtype: torch.dtype, B=2, T=1024, H=4, D=64) -> dict:
+    print(f"accuracy {variant} {dtype} T={T} ...", flush=True)
     x = make_inputs(variant, B, T, H, D, dtype)
     x64 = {k: v.detach().double().requires_grad_(True) for k, v in x.items()}
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -142,6 +144,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--no-ref-timing", action="store_true", help="skip timing the torch reference")
+    ap.add_argument("--acc-len", type=int, default=1024, help="sequence length of the accuracy check")
+    ap.add_argument("--variants", default="gdn,gla")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--skip-module", action="store_true", help="skip the whole-module comparison")
     args = ap.parse_args()
     import fla
     import triton
@@ -149,13 +155,25 @@ def main() -> None:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "fla": fla.__version__, "python": platform.python_version()}
     print(env)
-    acc = [accuracy(v, dt) for v in ("gdn", "gla") for dt in (torch.float32, torch.bfloat16)]
-    acc += [module_accuracy(v, dt) for v in ("gdn", "gla") for dt in (torch.float32, torch.bfloat16)]
-    print("\nAccuracy: relative error ||fla - reference|| / ||reference|| (reference in float64)\n" + fmt(acc))
-    spd = [speed(int(T), args.batch, args.heads, args.head_dim, not args.no_ref_timing) for T in args.lengths.split(",")]
-    print("\nForward+backward time (ms), bf16\n" + fmt(spd))
+    out = {"env": env, "accuracy": [], "speed": []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"env": env, "accuracy": acc, "speed": spd}, indent=2))
+
+    def record(key: str, row: dict) -> None:  # print and save each row as it comes: runs can be cut off
+        out[key].append(row)
+        print(row, flush=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+    for v in args.variants.split(","):
+        for dt in [getattr(torch, d) for d in args.dtypes.split(",")]:
+            record("accuracy", accuracy(v, dt, T=args.acc_len))
+    if not args.skip_module:
+        for v in ("gdn", "gla"):
+            for dt in (torch.float32, torch.bfloat16):
+                record("accuracy", module_accuracy(v, dt))
+    print("\nAccuracy: relative error ||fla - reference|| / ||reference|| (reference in float64)\n" + fmt(out["accuracy"]))
+    for T in filter(None, args.lengths.split(",")):
+        record("speed", speed(int(T), args.batch, args.heads, args.head_dim, not args.no_ref_timing))
+    print("\nForward+backward time (ms), bf16\n" + fmt(out["speed"]))
     print(f"\nwrote {args.out}")
 
 

@@ -32,7 +32,8 @@ class DistillConfig:
         stage1_tokens / stage2_tokens / stage3_tokens: tokens per stage (0 skips the stage).
         temperature: KL temperature tau; the loss is scaled by tau^2.
         batch_size: blocks per optimizer step; micro_batch_size: blocks per forward (0 = batch_size).
-        stage1_seq_len: block length in stage 1 (0 = data.seq_len; must divide it). The paper uses 512.
+        stage1_seq_len: block length in stage 1; must divide data.seq_len. 0 = the paper's 512 when
+            data.seq_len is a larger multiple of it, else data.seq_len.
         stage1_lr: stage-1 peak lr (cosine). stage2_lr_attn / stage2_lr_other: stage-2 lr of attention
             parameters (linear and softmax) / of everything else. stage3_lr: stage-3 lr.
         eval_every: steps between held-out evaluations (0 = about 10 per stage).
@@ -251,7 +252,8 @@ class Distiller:
         student.requires_grad_(False)
         nn.ModuleList(modules.values()).requires_grad_(True)
         params = [p for m in modules.values() for p in m.parameters()]
-        blocks = stage_blocks(self.data.train, self.cfg.stage1_seq_len)
+        T = self.data.seq_len
+        blocks = stage_blocks(self.data.train, self.cfg.stage1_seq_len or (512 if T > 512 and T % 512 == 0 else T))
 
         def loss_fn(ids: torch.Tensor) -> torch.Tensor:
             return torch.stack(list(alignment_losses(self.teacher, modules, ids).values())).mean()
