@@ -61,7 +61,7 @@ class DistillConfig:
     eval_every: int = attrs.field(default=0, validator=ge0)
     eval_blocks: int = attrs.field(default=32, validator=gt0)
     checkpoint_every: int = attrs.field(default=100, validator=ge0)
-    kl_chunk_tokens: int = attrs.field(default=2048, validator=gt0)
+    kl_chunk_tokens: int = attrs.field(default=1024, validator=gt0)
 
     def __attrs_post_init__(self) -> None:
         micro = self.micro_batch_size or self.batch_size
