@@ -81,6 +81,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Select softmax layers, distil the chosen hybrid, save OUT/model, OUT/result.json and the plots."""
+    from hybridize.pipeline import run
+    from hybridize.runconfig import load_run_config
+
+    cfg = load_run_config(args.config, args.set)
+    result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    t, m = result["tokens"], result["metrics"]
+    print(f"\nselected softmax layers {result['softmax_layers']} (K={result['k']}) by {result['selection']['components']['selector']}")
+    print("  importance: " + ", ".join(f"{l}: {v:.4g}" for l, v in sorted(result["scores"].items(), key=lambda kv: int(kv[0]))))
+    if t["n_probes"]:
+        print(f"  {t['n_probes']} probes x {t['probe_each']:,} tokens; stop step {result['stop_step']}; selection cost "
+              f"{t['selection_cost']:,} tokens = {t['selection_cost_ratio']:.3f}x the independent per-probe pipeline ({t['independent_pipeline_equivalent']:,})")
+    for key in ("heldout_kl", "student_ppl", "teacher_ppl"):
+        print(f"  {key:<12} {m[key]:.4f}")
+    print(f"wrote {args.out}/result.json, scores.png, jaccard.png, distill.png and the hybrid in {args.out}/model ({result['wall_seconds']} s)")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. distill.stage2_tokens=1e6")
@@ -102,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and registered components")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("run", help="select the softmax layers, then distil and save the hybrid")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("distill", help="distil a hybrid with an explicit list of softmax layers")
     _add_run_args(p)
     p.set_defaults(func=cmd_distill)

@@ -96,6 +96,9 @@ def build_config(config_cls: type, params: Mapping[str, Any] | None, *, context:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             problems.append(f"{context} has no field {key!r}.{hint} Known fields: {', '.join(fields) or '(none)'}")
             continue
+        if fields[key].converter is not None:  # the field converts (and checks) its own input
+            clean[key] = value
+            continue
         ok, coerced = _check_type(value, fields[key].type)
         if not ok:
             problems.append(f"{context} field {key!r} must be {_type_name(fields[key].type)}; got {value!r}")
@@ -106,6 +109,8 @@ def build_config(config_cls: type, params: Mapping[str, Any] | None, *, context:
         raise ConfigError(problems)
     try:
         return config_cls(**clean)
+    except ConfigError as exc:
+        raise ConfigError([f"{context}: {p}" for p in exc.problems]) from exc
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{context} {_validator_message(exc)}") from exc
 

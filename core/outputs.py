@@ -68,3 +68,81 @@ def plot_distill_curve(history: dict[str, list[dict]], after_surgery: float | No
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(selection: dict[str, Any], path: Path, title: str, raw_label: str) -> Path:
+    """Left: the final raw score per layer, selected (softmax) layers highlighted; right: trajectories."""
+    plt = _plt()
+    raw = {int(k): v for k, v in selection["raw_scores"].items()} or {int(k): v for k, v in selection["scores"].items()}
+    layers = sorted(raw)
+    chosen = set(selection["softmax_layers"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120, gridspec_kw={"width_ratios": [1.2, 1]})
+    colors = ["tab:red" if l in chosen else "tab:blue" for l in layers]
+    ax.bar(layers, [raw[l] for l in layers], color=colors)
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(raw_label)
+    ax.bar([], [], color="tab:red", label=f"kept softmax (top {len(chosen)}: {sorted(chosen)})")
+    ax.bar([], [], color="tab:blue", label="linear attention")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    traj = [w for w in selection["trajectory"] if w["raw"]]
+    if len(traj) > 1:
+        xs = [w["tokens_per_probe"] for w in traj]
+        for l in layers:
+            ax2.plot(xs, [w["raw"][str(l)] if str(l) in w["raw"] else w["raw"].get(l) for w in traj],
+                     color="tab:red" if l in chosen else "tab:blue", alpha=0.9 if l in chosen else 0.5, lw=1.2)
+            ax2.annotate(str(l), (xs[-1], traj[-1]["raw"].get(str(l), traj[-1]["raw"].get(l))), fontsize=7)
+        if selection.get("stop_step") is not None:
+            ax2.axvline(xs[-1], color="black", ls="--", lw=0.8, label="stopped")
+            ax2.legend(fontsize=8)
+        ax2.set_xlabel("probe tokens (each probe)")
+        ax2.set_ylabel(raw_label)
+        ax2.set_title("score per layer at each evaluation window", fontsize=9)
+        ax2.grid(alpha=0.3)
+    else:
+        ax2.axis("off")
+        ax2.text(0.5, 0.5, "single evaluation (no trajectory)", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_jaccard(selection: dict[str, Any], path: Path, title: str, windows: int = 10, threshold: float | None = 0.9) -> Path:
+    """Top-K Jaccard between consecutive windows and over the trailing ``windows`` windows."""
+    from hybridize.selection import mean_pairwise_jaccard
+
+    plt = _plt()
+    traj = selection["trajectory"]
+    xs = [w["tokens_per_probe"] for w in traj]
+    consecutive = [w["jaccard_prev"] if w["jaccard_prev"] is not None else float("nan") for w in traj]
+    rolling = [mean_pairwise_jaccard([t["top_k"] for t in traj[max(0, i - windows + 1) : i + 1]]) if i + 1 >= windows else float("nan")
+               for i in range(len(traj))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(xs, consecutive, marker="o", ms=3, label="Jaccard with the previous window's top-K")
+    ax.plot(xs, rolling, marker="s", ms=3, label=f"mean pairwise Jaccard, last {windows} windows")
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", ls=":", label=f"stop threshold {threshold}")
+    if selection.get("stop_step") is not None and xs:
+        ax.axvline(xs[-1], color="black", ls="--", lw=0.8, label="stopped")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("probe tokens (each probe)")
+    ax.set_ylabel("Jaccard similarity of top-K layer sets")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -77,3 +77,96 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
                        f"{Path(cfg.teacher).name}: {cfg.linear_attention.name}, softmax layers {sorted(cfg.softmax_layers)}")
     pm.hook.hybridize_run_end(run_dir=str(out), result=result)
     return result
+
+
+def _raw_label(selection: dict[str, Any]) -> str:
+    scorer, selector = selection["components"].get("scorer"), selection["components"]["selector"]
+    if scorer == "kl":
+        return "probe held-out KL(teacher || probe) [nats/token]"
+    if scorer == "mse":
+        return "stage-1 residual ||t - s||_2 / sqrt(d)"
+    return f"importance ({selector})"
+
+
+def _explicit_selection(layers: list[int], n_layers: int) -> dict[str, Any]:
+    scores = {i: float(i in layers) for i in range(n_layers)}
+    return {"softmax_layers": sorted(layers), "k": len(layers), "ranking": sorted(layers) + [i for i in range(n_layers) if i not in layers],
+            "scores": scores, "raw_scores": {}, "trajectory": [], "stop_step": None, "components": {"selector": "explicit"},
+            "tokens": {"stage1": 0, "probe_each": 0, "probes_total": 0, "teacher_forward": 0, "n_probes": 0,
+                       "selection_cost": 0, "independent_pipeline_equivalent": 0, "cost_ratio": 1.0}}
+
+
+def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Select the softmax layers, distil the chosen hybrid, save it, write result.json and the plots.
+
+    Returns:
+        The content of ``OUT/result.json``.
+    """
+    import attrs
+
+    from hybridize.modeling import save_hybrid
+    from hybridize.outputs import plot_jaccard, plot_scores
+    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.select import SelectionEngine
+    from hybridize.selection import resolve_budget
+    from hybridize.surgery import build_student
+    from hybridize.teacher import decoder_layers, load_teacher
+
+    out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    pm = get_plugin_manager()
+    pm.hook.hybridize_run_start(run_dir=str(out), config=cfg.to_dict())
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, device=device)
+    n_layers = len(decoder_layers(teacher.model))
+    k = resolve_budget(cfg.softmax_layers, n_layers)
+    data = prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
+    engine = None
+    if isinstance(cfg.softmax_layers, list):
+        selection = _explicit_selection(cfg.softmax_layers, n_layers)
+    else:
+        engine = SelectionEngine(teacher=teacher.model, data=data, cfg=cfg.selection, distill=cfg.distill, variant=cfg.linear_attention,
+                                 pm=pm, device=device, k=k, ckpt_dir=out / "checkpoints" / "selection", seed=cfg.seed, progress=progress)
+        selection = engine.run()
+    pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])
+    student = build_student(teacher.model, selection["softmax_layers"], cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
+    final_cfg = cfg.distill
+    if engine is not None and engine.stage1_modules:  # stage 1 is layer-local: reuse the shared pass
+        from hybridize.distill import linear_modules
+
+        for i, module in linear_modules(student).items():
+            module.load_state_dict(engine.stage1_modules[i].state_dict())
+        final_cfg = attrs.evolve(cfg.distill, stage1_tokens=0)
+    distiller = Distiller(teacher=teacher.model, data=data, cfg=final_cfg, device=device, ckpt_dir=out / "checkpoints" / "final",
+                          seed=cfg.seed, progress=progress, on_step=_observe(pm))
+    report = distiller.run(student)
+    tmp = out / ".model.tmp"
+    save_hybrid(student.cpu(), tmp, teacher.tokenizer, extra={"selection": selection["components"], "scores": selection["scores"]})
+    replace_dir(tmp, out / "model")
+    sel_tok = selection["tokens"]
+    tokens = {
+        "stage1": sel_tok["stage1"] or report["tokens"]["stage1"], "stage1_shared_with_final": bool(engine and engine.stage1_modules),
+        "stage2": report["tokens"]["stage2"], "stage3": report["tokens"]["stage3"],
+        "probes": sel_tok["probes_total"], "probe_each": sel_tok["probe_each"], "n_probes": sel_tok["n_probes"],
+        "teacher_forward_tokens": sel_tok["teacher_forward"] + report["tokens"]["teacher_forward"],
+        "selection_teacher_forward_tokens": sel_tok["teacher_forward"],
+        "selection_cost": sel_tok["selection_cost"],
+        "independent_pipeline_equivalent": sel_tok["independent_pipeline_equivalent"],
+        "selection_cost_ratio": sel_tok["cost_ratio"],
+    }
+    result = {
+        "softmax_layers": selection["softmax_layers"], "linear_attention": cfg.linear_attention.name, "k": k,
+        "scores": selection["scores"], "raw_scores": selection["raw_scores"], "ranking": selection["ranking"],
+        "stop_step": selection["stop_step"], "selection": {"components": selection["components"], "trajectory": selection["trajectory"]},
+        "tokens": tokens, "metrics": report["metrics"], "history": report["history"], "config": cfg.to_dict(),
+        "plugins": pm.versions(), "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json(out / "result.json", result)
+    name = f"{Path(cfg.teacher).name}: {selection['components']['selector']}, K={k}"
+    plot_scores(selection, out / "scores.png", name, _raw_label(selection))
+    stop = cfg.selection.stop.params
+    plot_jaccard(selection, out / "jaccard.png", name, windows=int(stop.get("windows", 10)), threshold=stop.get("threshold", 0.9 if cfg.selection.stop.name == "rolling-jaccard" else None))
+    plot_distill_curve(report["history"], report["metrics"].get("heldout_kl_after_surgery"), out / "distill.png", f"{name}: final hybrid {selection['softmax_layers']}")
+    pm.hook.hybridize_run_end(run_dir=str(out), result=result)
+    return result

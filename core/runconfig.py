@@ -17,6 +17,7 @@ from hybridize.config import ComponentRef, build_config, config_to_dict
 from hybridize.data import DataConfig
 from hybridize.distill import DistillConfig
 from hybridize.errors import ConfigError
+from hybridize.select import SelectionConfig
 
 SoftmaxLayers = int | float | list[int]
 
@@ -30,6 +31,8 @@ class RunConfig:
         data: the data section (:class:`~hybridize.data.DataConfig`).
         linear_attention: the variant and its params, e.g. ``{name: gdn, use_short_conv: true}``.
         softmax_layers: K (int), a ratio in (0, 1), or an explicit list of layer indices.
+        selection: how layers are selected when ``softmax_layers`` is K or a ratio
+            (:class:`~hybridize.select.SelectionConfig`).
         distill: stage budgets (:class:`~hybridize.distill.DistillConfig`).
         seed: seed of data order and initialisation.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -39,14 +42,21 @@ class RunConfig:
     data: DataConfig
     linear_attention: ComponentRef = ComponentRef(name="gdn")
     softmax_layers: SoftmaxLayers = 0.25
+    selection: SelectionConfig = SelectionConfig()
     distill: DistillConfig = DistillConfig()
     seed: int = 0
     device: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         out = config_to_dict(self)
-        out["linear_attention"] = {"name": self.linear_attention.name, **self.linear_attention.params}
+        out["linear_attention"] = _ref(self.linear_attention)
+        sel = self.selection
+        out["selection"].update(selector=_ref(sel.selector), scorer=sel.scorer and _ref(sel.scorer), stop=_ref(sel.stop))
         return out
+
+
+def _ref(ref: ComponentRef) -> dict[str, Any]:
+    return {"name": ref.name, **ref.params}
 
 
 def _check_softmax_layers(value: Any) -> list[str]:
@@ -108,6 +118,9 @@ def run_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> RunConfi
         problems.append("run field 'data' is required, with at least data.train")
     data = _section(tree, "data", DataConfig, problems) if "data" in tree else None
     distill = _section(tree, "distill", DistillConfig, problems)
+    selection = _section(tree, "selection", SelectionConfig, problems)
+    if selection is not None:
+        _check_selection(selection, pm, problems)
     variant = _variant(tree.get("linear_attention", "gdn"), pm, problems)
     softmax = tree.get("softmax_layers", 0.25)
     problems += _check_softmax_layers(softmax)
@@ -117,7 +130,22 @@ def run_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> RunConfi
     if problems:
         raise ConfigError(problems)
     return RunConfig(teacher=tree["teacher"], data=data, linear_attention=variant, softmax_layers=softmax,
-                     distill=distill, seed=seed, device=str(tree.get("device", "auto")))
+                     selection=selection, distill=distill, seed=seed, device=str(tree.get("device", "auto")))
+
+
+def _check_selection(sel: SelectionConfig, pm: Any, problems: list[str]) -> None:
+    """Every named selection component must exist and accept its params."""
+    if pm is None:
+        from hybridize.plugins_manager import get_plugin_manager
+
+        pm = get_plugin_manager()
+    for kind, ref in (("selector", sel.selector), ("scorer", sel.scorer), ("stop_criterion", sel.stop)):
+        if ref is None:
+            continue
+        try:
+            pm.registry(kind)[ref.name].build_config(ref.params)
+        except ConfigError as exc:
+            problems += exc.problems
 
 
 def _variant(value: Any, pm: Any, problems: list[str]) -> ComponentRef | None:

@@ -1,0 +1,354 @@
+"""The selection engine: one shared stage 1, probes in lockstep on shared teacher passes.
+
+Cost structure (DESIGN.md): stage 1 is layer-local, so one stage-1 pass over an all-linear
+student serves every probe (each probe copies its linear layers from it). All probes see the
+same batches: each batch's teacher forward runs once and feeds every probe. When the probes do
+not fit in memory together, they run in groups per evaluation window, sharing that window's
+teacher hidden states (kept on the CPU), so grouping costs no extra teacher passes. Every
+window checkpoints all probes, the data position and the stop criterion, so a killed selection
+resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from hybridize.config import ComponentRef
+from hybridize.data import BlockSampler, PackedData
+from hybridize.distill import DistillConfig, Distiller, alignment_losses, linear_modules
+from hybridize.errors import ConfigError
+from hybridize.losses import chunked_kl
+from hybridize.selection import Probe, ScoreContext, jaccard, rank, resolve_budget
+from hybridize.teacher import decoder_layers
+from hybridize.train import atomic_torch_save, autocast_for, cosine_lambda, param_groups, rng_state, set_rng_state
+
+ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
+
+
+@attrs.frozen(kw_only=True)
+class SelectionConfig:
+    """How layers are selected.
+
+    Args:
+        selector: the selector and its params, e.g. ``{name: kl-greedy-add}``.
+        scorer: the scorer (None = the selector's default: kl for probes, mse for stage 1).
+        stop: the stop criterion, e.g. ``{name: rolling-jaccard, windows: 10, threshold: 0.9}``.
+        probe_tokens: stage-2 tokens per probe (upper bound; the stop criterion may end earlier).
+        eval_every: probe steps per evaluation window (0 = about 20 windows).
+        probe_lr_attn / probe_lr_other: probe learning rates (0 = distill.stage2_lr_attn / _other).
+        probe_group_size: probes trained together on the device (0 = all at once).
+    """
+
+    selector: ComponentRef = attrs.field(default=ComponentRef(name="kl-greedy-add"), converter=lambda v: ComponentRef.parse(v, where="selection field 'selector'"))
+    scorer: ComponentRef | None = attrs.field(default=None, converter=lambda v: None if v is None else ComponentRef.parse(v, where="selection field 'scorer'"))
+    stop: ComponentRef = attrs.field(default=ComponentRef(name="rolling-jaccard"), converter=lambda v: ComponentRef.parse(v, where="selection field 'stop'"))
+    probe_tokens: int = attrs.field(default=200_000, validator=gt0)
+    eval_every: int = attrs.field(default=0, validator=ge0)
+    probe_lr_attn: float = attrs.field(default=0.0, validator=ge0)
+    probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
+    probe_group_size: int = attrs.field(default=0, validator=ge0)
+
+
+@attrs.define
+class Components:
+    """The selector, scorer and stop criterion of one selection, built from the registry."""
+
+    selector: Any
+    scorer: Any
+    stop: Any
+    names: dict[str, str]
+
+    @classmethod
+    def build(cls, cfg: SelectionConfig, pm: Any, *, seed: int, k: int) -> Components:
+        sel_entry = pm.registry("selector")[cfg.selector.name]
+        selector = sel_entry.factory(sel_entry.build_config(cfg.selector.params), seed=seed)
+        scorer_ref = cfg.scorer or (ComponentRef(name=selector.default_scorer) if selector.default_scorer else None)
+        scorer = None
+        if scorer_ref is not None and selector.needs != "none":
+            entry = pm.registry("scorer")[scorer_ref.name]
+            scorer = entry.factory(entry.build_config(scorer_ref.params))
+            want = {"probes": "probe", "stage1": "stage1"}[selector.needs]
+            if scorer.requires != want:
+                raise ConfigError(
+                    f"selection field 'scorer' must be a scorer of {want} results for selector {cfg.selector.name!r}; "
+                    f"got {scorer_ref.name!r}, which scores {scorer.requires} results"
+                )
+        stop_entry = pm.registry("stop_criterion")[cfg.stop.name]
+        stop = stop_entry.factory(stop_entry.build_config(cfg.stop.params), k=k)
+        names = {"selector": cfg.selector.name, "scorer": scorer_ref.name if scorer else None, "stop": cfg.stop.name}
+        return cls(selector, scorer, stop, names)
+
+
+@attrs.define
+class ProbeRun:
+    """One probe student with its optimizer and schedule."""
+
+    probe: Probe
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device)
+
+
+@attrs.define(slots=False)
+class SelectionEngine:
+    """Scores layers for one selection and returns the ranking (see the module docstring).
+
+    Args:
+        teacher: the frozen teacher.
+        data: packed train / held-out blocks.
+        cfg: the selection settings.
+        distill: stage budgets (stage 1 and probe learning rates come from here).
+        variant: the linear-attention variant of the probes (name, params).
+        pm: the plugin manager.
+        device: where teacher and probes run.
+        ckpt_dir: checkpoint directory (None: no checkpoints).
+        seed: seed of data order and of seeded selectors.
+    """
+
+    teacher: nn.Module
+    data: PackedData
+    cfg: SelectionConfig
+    distill: DistillConfig
+    variant: ComponentRef
+    pm: Any
+    device: torch.device
+    k: int
+    ckpt_dir: Path | None = None
+    seed: int = 0
+    progress: bool = True
+    on_window: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        self.n_layers = len(decoder_layers(self.teacher))
+        self.parts = Components.build(self.cfg, self.pm, seed=self.seed, k=self.k)
+        self.distiller = Distiller(teacher=self.teacher, data=self.data, cfg=self.distill, device=self.device,
+                                   ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress)
+        self.stage1_modules: dict[int, nn.Module] = {}
+        self.trajectory: list[dict[str, Any]] = []
+        self.stop_step: int | None = None
+        self.tokens = {"stage1": 0, "probe_each": 0, "probes_total": 0, "teacher_forward": 0}
+
+    # -- stage 1, shared --------------------------------------------------------------------------
+    def shared_stage1(self) -> dict[int, nn.Module]:
+        """Stage 1 once on an all-linear student; its linear modules seed every probe."""
+        from hybridize.surgery import build_student
+
+        student = build_student(self.teacher, [], self.variant.name, self.variant.params, pm=self.pm).to(self.device)
+        self.distiller.stage1(student)
+        self.tokens["stage1"] = self.distiller.tokens["stage1"]
+        self.tokens["teacher_forward"] += self.distiller.tokens["teacher_forward"]
+        self.stage1_modules = {i: m.requires_grad_(False) for i, m in linear_modules(student).items()}
+        return self.stage1_modules
+
+    @torch.no_grad()
+    def stage1_residuals(self) -> dict[int, float]:
+        """Held-out stage-1 alignment residual of every layer (the mse scorer's input)."""
+        sums = {i: 0.0 for i in self.stage1_modules}
+        batches = self.data.heldout[: self.distill.eval_blocks].split(self.distill.micro_batch_size or self.distill.batch_size)
+        for b in batches:
+            with autocast_for(self.device):
+                for i, v in alignment_losses(self.teacher, self.stage1_modules, b.to(self.device)).items():
+                    sums[i] += float(v) / len(batches)
+        return sums
+
+    # -- probes -------------------------------------------------------------------------------------
+    def _probe_model(self, probe: Probe) -> nn.Module:
+        from hybridize.surgery import build_student
+
+        model = build_student(self.teacher, list(probe.softmax_layers), self.variant.name, self.variant.params, pm=self.pm)
+        for i, module in linear_modules(model).items():
+            module.load_state_dict(self.stage1_modules[i].state_dict())
+        return model.requires_grad_(True).train()
+
+    def _probe_run(self, probe: Probe, steps: int) -> ProbeRun:
+        model = self._probe_model(probe)
+        groups = [g for g in param_groups(model.named_parameters(), lambda n: ".self_attn." in n) if g["params"]]
+        lr_attn = self.cfg.probe_lr_attn or self.distill.stage2_lr_attn
+        lr_other = self.cfg.probe_lr_other or self.distill.stage2_lr_other
+        for g in groups:
+            g["lr"] = lr_attn if g["name"] == "attention" else lr_other
+        opt = torch.optim.AdamW(groups, betas=tuple(self.distill.betas), weight_decay=self.distill.weight_decay,
+                                fused=self.device.type == "cuda")
+        warm = round(self.distill.warmup_fraction * steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(steps, warm, self.distill.min_lr_ratio))
+        return ProbeRun(probe, model, opt, sched)
+
+    def _groups(self, runs: list[ProbeRun]) -> list[list[ProbeRun]]:
+        size = self.cfg.probe_group_size or len(runs)
+        return [runs[i : i + size] for i in range(0, len(runs), size)]
+
+    def _train_window(self, group: list[ProbeRun], batches: list[torch.Tensor], teacher_h: list[list[torch.Tensor]]) -> None:
+        """The window's optimizer steps for one group of probes, on the shared teacher hidden states."""
+        for ids_parts, h_parts in zip(batches, teacher_h):
+            for run in group:
+                for ids, h_t in zip(ids_parts, h_parts):
+                    with autocast_for(self.device):
+                        h_s = run.model.model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+                        loss = chunked_kl(h_s, h_t.to(self.device), run.model.lm_head, self.teacher.lm_head,
+                                          temperature=self.distill.temperature, chunk_tokens=self.distill.kl_chunk_tokens)
+                    (loss / len(ids_parts)).backward()
+                if self.distill.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(run.model.parameters(), self.distill.grad_clip)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _teacher_window(self, sampler: BlockSampler, steps: int, keep_on: torch.device) -> tuple[list, list]:
+        """Draw the window's batches and run the teacher once on each micro-batch."""
+        micro = self.distill.micro_batch_size or self.distill.batch_size
+        batches, hidden = [], []
+        for _ in range(steps):
+            parts = list(self.data.train[sampler.next_indices()].split(micro))
+            hs = []
+            for ids in parts:
+                with autocast_for(self.device):
+                    hs.append(self.teacher.model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state.to(keep_on))
+                self.tokens["teacher_forward"] += ids.numel()
+            batches.append(parts)
+            hidden.append(hs)
+        return batches, hidden
+
+    def _score_window(self, runs: list[ProbeRun], raw: dict[int, float] | None = None) -> dict[int, float]:
+        if raw is None:
+            probes = {r.probe.layer: r.model for r in runs}
+            ctx = ScoreContext(layers=sorted(probes), probes=probes,
+                               heldout_kl=lambda m: self.distiller.evaluator(m)["heldout_kl"])
+            raw = self.parts.scorer(ctx)
+        return raw
+
+    def _record_window(self, step: int, tokens: int, raw: dict[int, float]) -> bool:
+        importance = self.parts.selector.importance(raw, self.n_layers, self.k)
+        order = rank(importance)
+        top = sorted(order[: self.k])
+        prev = self.trajectory[-1]["top_k"] if self.trajectory else None
+        self.trajectory.append({"step": step, "tokens_per_probe": tokens, "raw": {int(l): float(v) for l, v in raw.items()},
+                                "importance": {int(l): float(v) for l, v in importance.items()}, "top_k": top,
+                                "jaccard_prev": None if prev is None else jaccard(prev, top)})
+        if self.on_window is not None:
+            self.on_window(self.trajectory[-1])
+        return bool(self.parts.stop.update(frozenset(top)))
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _save(self, runs: list[ProbeRun], sampler: BlockSampler, step: int, done: bool) -> None:
+        if self.ckpt_dir is None:
+            return
+        state = {"step": step, "done": done, "stop_step": self.stop_step, "sampler": sampler.state_dict(),
+                 "trajectory": self.trajectory, "stop": self.parts.stop.state_dict(), "tokens": self.tokens, "rng": rng_state(),
+                 "probes": {r.probe.layer: {"model": {n: p.detach().cpu() for n, p in r.model.named_parameters()},
+                                            "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict()}
+                            for r in runs}}
+        atomic_torch_save(state, self.ckpt_dir / "probes.pt")
+
+    def _load(self, runs: list[ProbeRun], sampler: BlockSampler) -> tuple[int, bool]:
+        path = self.ckpt_dir / "probes.pt" if self.ckpt_dir else None
+        if path is None or not path.exists():
+            return 0, False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for r in runs:
+            saved = state["probes"][r.probe.layer]
+            params = dict(r.model.named_parameters())
+            with torch.no_grad():
+                for n, t in saved["model"].items():
+                    params[n].copy_(t)
+            r.optimizer.load_state_dict(saved["optimizer"])
+            r.scheduler.load_state_dict(saved["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        self.parts.stop.load_state_dict(state["stop"])
+        set_rng_state(state["rng"])
+        self.trajectory, self.tokens, self.stop_step = state["trajectory"], state["tokens"], state["stop_step"]
+        return state["step"], state["done"]
+
+    # -- the whole selection ------------------------------------------------------------------------------
+    def run_probes(self) -> dict[int, float]:
+        """Train every probe in lockstep windows until the stop criterion or the token budget; final raw scores."""
+        from tqdm.auto import tqdm
+
+        probes = self.parts.selector.plan(self.n_layers)
+        B, T = self.distill.batch_size, self.data.seq_len
+        steps = max(1, math.ceil(self.cfg.probe_tokens / (B * T)))
+        window = self.cfg.eval_every or max(1, steps // 20)
+        runs = [self._probe_run(p, steps) for p in probes]
+        groups = self._groups(runs)
+        sampler = BlockSampler(self.data.train.shape[0], B, seed=self.seed)
+        step, done = self._load(runs, sampler)
+        on_device = len(groups) == 1
+        for r in runs:
+            r.to(self.device if on_device else torch.device("cpu"))
+        bar = tqdm(total=steps, initial=step, desc=f"probes x{len(runs)}", unit="step", disable=not self.progress)
+        while not done and step < steps:
+            n = min(window, steps - step)
+            batches, hidden = self._teacher_window(sampler, n, self.device if on_device else torch.device("cpu"))
+            raw: dict[int, float] = {}
+            for group in groups:
+                if not on_device:
+                    for r in group:
+                        r.to(self.device)
+                self._train_window(group, batches, hidden)
+                raw.update(self._score_window(group))
+                if not on_device:
+                    for r in group:
+                        r.to(torch.device("cpu"))
+            step += n
+            self.tokens["probe_each"] = step * B * T
+            stop = self._record_window(step, step * B * T, raw)
+            done = stop or step >= steps
+            if stop:
+                self.stop_step = step
+            bar.update(n)
+            bar.set_postfix(top_k=self.trajectory[-1]["top_k"])
+            self._save(runs, sampler, step, done)
+        bar.close()
+        self.tokens["probes_total"] = self.tokens["probe_each"] * len(runs)
+        self.n_probes = len(runs)
+        return self.trajectory[-1]["raw"] if self.trajectory else {}
+
+    def run(self) -> dict[str, Any]:
+        """Score, rank and choose; returns the selection record for result.json."""
+        needs = self.parts.selector.needs
+        self.n_probes = 0
+        if needs in ("probes", "stage1"):
+            self.shared_stage1()
+        if needs == "probes":
+            raw = self.run_probes()
+        elif needs == "stage1":
+            ctx = ScoreContext(layers=list(range(self.n_layers)), stage1_residuals=self.stage1_residuals)
+            raw = self.parts.scorer(ctx)
+            self._record_window(0, 0, raw)
+        else:
+            raw = {}
+            self._record_window(0, 0, raw)
+        self.tokens["teacher_forward"] += self.distiller.evaluator.teacher_tokens
+        final = self.trajectory[-1]
+        return {
+            "softmax_layers": final["top_k"], "k": self.k, "ranking": rank(final["importance"]),
+            "scores": final["importance"], "raw_scores": final["raw"], "trajectory": self.trajectory,
+            "stop_step": self.stop_step, "components": self.parts.names, "tokens": self._token_report(),
+        }
+
+    def _token_report(self) -> dict[str, Any]:
+        """Tokens spent, and what an independent per-probe pipeline would spend at equal probe tokens."""
+        t = dict(self.tokens)
+        n, s1, each = self.n_probes, t["stage1"], t["probe_each"]
+        heldout = self.distiller.evaluator.teacher_tokens
+        ours = t["teacher_forward"] + s1
+        # the paper's scripts: per probe, its own stage 1 (training + teacher forwards), its own teacher
+        # forwards for its probe tokens and for its held-out evaluation
+        indep = n * (2 * s1 + each + heldout) if n else ours
+        t.update(n_probes=n, selection_cost=ours, independent_pipeline_equivalent=indep,
+                 cost_ratio=round(ours / indep, 4) if indep else 1.0)
+        return t
