@@ -321,6 +321,7 @@ class SelectionEngine:
         """Score, rank and choose; returns the selection record for result.json."""
         needs = self.parts.selector.needs
         self.n_probes = 0
+        torch.manual_seed(self.seed)  # the all-linear student's fresh parameters (gates, output gate, ...)
         if needs in ("probes", "stage1"):
             self.shared_stage1()
         if needs == "probes":
