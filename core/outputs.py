@@ -91,9 +91,16 @@ def plot_scores(selection: dict[str, Any], path: Path, title: str, raw_label: st
     ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.set_ylabel(raw_label)
-    ax.bar([], [], color="tab:red", label=f"kept softmax (top {len(chosen)}: {sorted(chosen)})")
-    ax.bar([], [], color="tab:blue", label="linear attention")
-    ax.legend(fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="tab:red", label=f"kept softmax (top {len(chosen)}: {sorted(chosen)})"),
+               Patch(color="tab:blue", label="linear attention")]
+    ax.legend(handles=handles, fontsize=8)
+    imp = {int(k): v for k, v in selection["scores"].items()}
+    if selection["raw_scores"] and len(layers) > 1:
+        lo, hi = min(layers, key=raw.get), max(layers, key=raw.get)
+        direction = "lower" if imp[lo] > imp[hi] else "higher"
+        ax.set_title(f"final scores ({direction} = more important)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     traj = [w for w in selection["trajectory"] if w["raw"]]
     if len(traj) > 1:
