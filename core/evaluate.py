@@ -1,0 +1,148 @@
+"""Evaluation: run registered evaluators on an in-memory or saved model; tables of their metrics.
+
+An evaluator is built as ``entry.factory(config)`` and called with an :class:`EvalTarget`; it returns
+an :class:`EvalResult`: ``metrics`` (name -> float, merged into result.json ``metrics``: one entry per
+task) and ``details`` (versions, sample counts, per-length scores, ...).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+
+from hybridize.config import ComponentRef
+from hybridize.errors import ConfigError, HybridizeError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@attrs.define(kw_only=True)
+class EvalTarget:
+    """What an evaluator evaluates.
+
+    Args:
+        model: the causal LM (a hybrid or a plain teacher), in eval mode.
+        tokenizer: its tokenizer object.
+        label: a name for tables (the directory, or ``hybrid``).
+        path: the saved directory when there is one.
+        teacher: the teacher model, when known (heldout-kl needs one).
+        heldout: held-out token blocks ``(N, T)`` of the run, when known.
+        progress: show progress bars.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    label: str = "model"
+    path: str | None = None
+    teacher: nn.Module | None = None
+    heldout: torch.Tensor | None = None
+    progress: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@attrs.frozen(kw_only=True)
+class EvalResult:
+    """What an evaluator returns: flat float ``metrics`` and JSON-friendly ``details``."""
+
+    metrics: dict[str, float]
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+class Evaluator(Protocol):
+    """A built evaluator: ``evaluator(target) -> EvalResult``. Runs under ``torch.no_grad``."""
+
+    def __call__(self, target: EvalTarget) -> EvalResult: ...
+
+
+def parse_evaluators(value: Any, pm: Any, *, where: str = "run field 'evaluators'") -> tuple[list[ComponentRef], list[str]]:
+    """Parse and validate a list of evaluator refs; returns (refs, problems)."""
+    if value is None:
+        return [], []
+    if not isinstance(value, (list, tuple)):
+        return [], [f"{where} must be a list like [{{name: heldout-kl}}, {{name: lm-eval, tasks: [niah_single_1]}}]; got {value!r}"]
+    refs, problems = [], []
+    for i, item in enumerate(value):
+        try:
+            ref = ComponentRef.parse(item, where=f"{where}[{i}]")
+            pm.registry("evaluator")[ref.name].build_config(ref.params)
+            refs.append(ref)
+        except ConfigError as exc:
+            problems += exc.problems
+    return refs, problems
+
+
+def run_evaluators(refs: Sequence[ComponentRef], target: EvalTarget, pm: Any) -> dict[str, Any]:
+    """Build and run each evaluator; returns ``{"metrics": {...}, "evals": [{name, metrics, details, seconds}]}``."""
+    import torch
+
+    metrics: dict[str, float] = {}
+    evals = []
+    for ref in refs:
+        entry = pm.registry("evaluator")[ref.name]
+        evaluator = entry.factory(entry.build_config(ref.params))
+        t0 = time.perf_counter()
+        was_training = target.model.training
+        target.model.eval()
+        with torch.no_grad():
+            out = evaluator(target)
+        target.model.train(was_training)
+        if not isinstance(out, EvalResult):
+            raise HybridizeError(f"evaluator {ref.name!r} ({entry.origin.describe()}) returned {out!r}; expected an EvalResult")
+        metrics.update(out.metrics)
+        evals.append({"name": ref.name, "params": dict(ref.params), "metrics": out.metrics, "details": out.details,
+                      "seconds": round(time.perf_counter() - t0, 1)})
+    return {"metrics": metrics, "evals": evals}
+
+
+def load_for_eval(path: str | Path, *, device: str = "cpu") -> EvalTarget:
+    """Load a saved hybrid or a plain Hugging Face causal-LM directory, with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from hybridize.modeling import PREFIX, load_hybrid
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"hybridize eval: {str(path)!r} must be a model directory with a config.json "
+                          f"(a saved hybrid such as OUT/model, or a Hugging Face teacher)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"hybridize eval: {str(path)!r} has no loadable tokenizer ({exc}); save one beside the weights") from exc
+    if str(AutoConfig.from_pretrained(path).model_type).startswith(PREFIX):
+        model = load_hybrid(path, device=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    return EvalTarget(model=model.eval(), tokenizer=tokenizer, label=path.name if path.name != "model" else path.parent.name, path=str(path))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per metric, one column per model: ``results`` maps a label to a :func:`run_evaluators` output."""
+    labels = list(results)
+    keys: list[str] = []
+    for r in results.values():
+        keys += [k for k in r["metrics"] if k not in keys]
+    samples: dict[str, str] = {}
+    for r in results.values():
+        for ev in r["evals"]:
+            for task, info in (ev["details"].get("tasks") or {}).items():
+                samples.setdefault(task, _fmt(info.get("samples")))
+    lines = ["| metric | " + " | ".join(labels) + " | samples |", "|---|" + "---|" * len(labels) + "---|"]
+    for k in keys:
+        row = [_fmt(results[lab]["metrics"].get(k)) for lab in labels]
+        lines.append(f"| {k} | " + " | ".join(row) + f" | {samples.get(k.split('@')[0], '')} |")
+    return "\n".join(lines)
