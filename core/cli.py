@@ -100,6 +100,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_refs(args: argparse.Namespace) -> list[Any]:
+    """Evaluator refs from `hybridize eval` flags: --tasks becomes one lm-eval evaluator, --evaluator adds any other."""
+    import yaml
+
+    from hybridize.config import ComponentRef
+    from hybridize.errors import ConfigError
+
+    refs = []
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if tasks:
+        params: dict[str, Any] = {"tasks": tasks, "batch_size": args.batch_size, "online": args.online}
+        for key, value in (("max_seq_lengths", args.max_len), ("limit", args.limit), ("essays_dir", args.essays), ("swde_data", args.swde_data)):
+            if value is not None:
+                params[key] = value
+        refs.append(ComponentRef(name="lm-eval", params=params))
+    for raw in args.evaluator:
+        value = yaml.safe_load(raw)
+        refs.append(ComponentRef.parse(value, where=f"--evaluator {raw!r}"))
+    if not refs:
+        raise ConfigError("hybridize eval needs --tasks (lm-eval task names, e.g. niah_single_1,swde) or --evaluator '{name: perplexity, data: FILE}'")
+    return refs
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a saved hybrid (or a plain HF teacher directory) with lm-eval tasks and other evaluators."""
+    from hybridize.evaluate import load_for_eval, markdown_table, parse_evaluators, run_evaluators
+    from hybridize.errors import ConfigError
+    from hybridize.outputs import write_json
+    from hybridize.pipeline import resolve_device
+    from hybridize.plugins_manager import get_plugin_manager
+
+    pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
+    refs, problems = parse_evaluators([{"name": r.name, **r.params} for r in _eval_refs(args)], pm, where="hybridize eval")
+    if problems:
+        raise ConfigError(problems)
+    target = load_for_eval(args.dir, device=str(resolve_device(args.device)))
+    target.progress = not args.quiet
+    result = run_evaluators(refs, target, pm)
+    result = {"model": str(args.dir), "label": target.label, **result}
+    table = markdown_table({target.label: result})
+    print("\n" + table)
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval.json", result)
+        (out / "eval.md").write_text(table + "\n")
+        print(f"wrote {out}/eval.json and {out}/eval.md")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. distill.stage2_tokens=1e6")
@@ -127,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a hybrid with an explicit list of softmax layers")
     _add_run_args(p)
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("eval", help="evaluate a saved hybrid or a plain HF model directory (lm-eval tasks, perplexity, ...)")
+    p.add_argument("dir", help="model directory: a saved hybrid (OUT/model) or a Hugging Face teacher")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. niah_single_1,niah_multikey_2,swde (or the group ruler)")
+    p.add_argument("--max-len", type=int, action="append", metavar="N", help="RULER length in tokens (repeat for several; default 4096)")
+    p.add_argument("--limit", type=int, help="documents per task (RULER: generated per length)")
+    p.add_argument("--batch-size", type=int, default=8, help="HFLM batch size (default 8)")
+    p.add_argument("--essays", help="directory of .txt essays for RULER's essay haystacks (e.g. ../shared/data/pg_essays)")
+    p.add_argument("--swde-data", help="local SWDE .parquet/.jsonl (columns doc_id, file_name, key, value, text)")
+    p.add_argument("--online", action="store_true", help="allow the Hugging Face hub (off by default)")
+    p.add_argument("--evaluator", action="append", default=[], metavar="YAML", help="another evaluator, e.g. '{name: perplexity, data: FILE}'")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--out", help="directory for eval.json and eval.md")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -28,6 +28,20 @@ def _observe(pm: Any) -> Any:
     return on_step
 
 
+def _evaluate(cfg: RunConfig, pm: Any, result: dict[str, Any], student: Any, teacher: Any, data: Any, device: torch.device, progress: bool) -> None:
+    """Run the config's evaluators on the final hybrid: their metrics join ``result["metrics"]``, details go to ``result["evals"]``."""
+    if not cfg.evaluators:
+        return
+    from hybridize.evaluate import EvalTarget, run_evaluators
+
+    target = EvalTarget(model=student.to(device), tokenizer=teacher.tokenizer, label="hybrid", teacher=teacher.model,
+                        heldout=data.heldout, progress=progress)
+    out = run_evaluators(cfg.evaluators, target, pm)
+    student.cpu()
+    result["metrics"].update(out["metrics"])
+    result["evals"] = out["evals"]
+
+
 def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Surgery at ``cfg.softmax_layers`` (a list), stage 1 -> 2 -> 3, save the hybrid and result.json.
 
@@ -72,6 +86,7 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
         "device": str(device),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+    _evaluate(cfg, pm, result, student, teacher, data, device, progress)
     write_json(out / "result.json", result)
     plot_distill_curve(report["history"], report["metrics"].get("heldout_kl_after_surgery"), out / "distill.png",
                        f"{Path(cfg.teacher).name}: {cfg.linear_attention.name}, softmax layers {sorted(cfg.softmax_layers)}")
@@ -162,6 +177,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
         "tokens": tokens, "metrics": report["metrics"], "history": report["history"], "config": cfg.to_dict(),
         "plugins": pm.versions(), "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+    _evaluate(cfg, pm, result, student, teacher, data, device, progress)
     write_json(out / "result.json", result)
     name = f"{Path(cfg.teacher).name}: {selection['components']['selector']}, K={k}"
     plot_scores(selection, out / "scores.png", name, _raw_label(selection))

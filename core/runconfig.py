@@ -36,6 +36,8 @@ class RunConfig:
         distill: stage budgets (:class:`~hybridize.distill.DistillConfig`).
         seed: seed of data order and initialisation.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        evaluators: evaluators run on the final hybrid, e.g. ``[{name: heldout-kl}, {name: lm-eval, tasks: [niah_single_1]}]``;
+            their metrics join result.json ``metrics``.
     """
 
     teacher: str
@@ -46,12 +48,14 @@ class RunConfig:
     distill: DistillConfig = DistillConfig()
     seed: int = 0
     device: str = "auto"
+    evaluators: list[ComponentRef] = attrs.Factory(list)
 
     def to_dict(self) -> dict[str, Any]:
         out = config_to_dict(self)
         out["linear_attention"] = _ref(self.linear_attention)
         sel = self.selection
         out["selection"].update(selector=_ref(sel.selector), scorer=sel.scorer and _ref(sel.scorer), stop=_ref(sel.stop))
+        out["evaluators"] = [_ref(r) for r in self.evaluators]
         return out
 
 
@@ -127,10 +131,24 @@ def run_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> RunConfi
     seed = tree.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         problems.append(f"run field 'seed' must be int; got {seed!r}")
+    evaluators = _evaluators(tree.get("evaluators"), pm, problems)
     if problems:
         raise ConfigError(problems)
     return RunConfig(teacher=tree["teacher"], data=data, linear_attention=variant, softmax_layers=softmax,
-                     selection=selection, distill=distill, seed=seed, device=str(tree.get("device", "auto")))
+                     selection=selection, distill=distill, seed=seed, device=str(tree.get("device", "auto")), evaluators=evaluators)
+
+
+def _evaluators(value: Any, pm: Any, problems: list[str]) -> list[ComponentRef]:
+    """Every evaluator must exist and accept its params."""
+    from hybridize.evaluate import parse_evaluators
+
+    if pm is None:
+        from hybridize.plugins_manager import get_plugin_manager
+
+        pm = get_plugin_manager()
+    refs, found = parse_evaluators(value, pm)
+    problems += found
+    return refs
 
 
 def _check_selection(sel: SelectionConfig, pm: Any, problems: list[str]) -> None:

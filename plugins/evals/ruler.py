@@ -66,24 +66,24 @@ def config_problems(tasks: Sequence[str], *, online: bool, essays_dir: str | Non
     qa = [t for t in ruler if t in QA]
     if qa and not online:
         problems.append(
-            f"evaluator 'lm-eval' tasks {qa} download SQuAD / HotpotQA and cannot run offline; drop them "
+            f"field 'tasks' {qa} download SQuAD / HotpotQA and cannot run offline; drop them "
             f"(or the group 'ruler', listing the subtasks you want) or opt in to the network with online: true (--online)"
         )
     essay = [t for t in ruler if t in ESSAY]
     if essay and essays_dir is None and not online:
         problems.append(
-            f"evaluator 'lm-eval' tasks {essay} need the Paul Graham essays: set field 'essays_dir' (--essays) to a "
+            f"field 'tasks' {essay} need the Paul Graham essays: set field 'essays_dir' (--essays) to a "
             f"directory of .txt essays, e.g. ../shared/data/pg_essays, or opt in to the hub copy with online: true"
         )
     if essays_dir is not None and essay:
         path = Path(essays_dir)
         if not path.is_dir() or not any(path.glob("*.txt")):
-            problems.append(f"evaluator 'lm-eval' field 'essays_dir' must be a directory of .txt essays; got {essays_dir!r}")
+            problems.append(f"field 'essays_dir' must be a directory of .txt essays; got {essays_dir!r}")
     bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n < 1]
     if bad or not lengths:
-        problems.append(f"evaluator 'lm-eval' field 'max_seq_lengths' must be a non-empty list of ints >= 1; got {list(lengths)!r}")
+        problems.append(f"field 'max_seq_lengths' must be a non-empty list of ints >= 1; got {list(lengths)!r}")
     elif "ruler_fwe" in ruler and min(lengths) < 200:
-        problems.append(f"evaluator 'lm-eval' task ruler_fwe needs max_seq_lengths >= 200 (its coded vocabulary is length // 50 "
+        problems.append(f"field 'max_seq_lengths': ruler_fwe needs max_seq_lengths >= 200 (its coded vocabulary is length // 50 "
                         f"words and the answer takes 3 of them); got {min(lengths)}")
     return problems
 

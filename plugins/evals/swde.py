@@ -22,9 +22,9 @@ def check_source(path: str | None) -> list[str]:
         return []
     p = Path(path)
     if p.suffix not in _FORMATS:
-        return [f"evaluator 'lm-eval' field 'swde_data' must be a .parquet, .jsonl or .json file; got {path!r}"]
+        return [f"field 'swde_data' must be a .parquet, .jsonl or .json file; got {path!r}"]
     if not p.is_file():
-        return [f"evaluator 'lm-eval' field 'swde_data' must be an existing file; got {path!r}"]
+        return [f"field 'swde_data' must be an existing file; got {path!r}"]
     return []
 
 
