@@ -159,6 +159,10 @@ class HeldoutEvaluator:
                 self.teacher_tokens += b.numel()
         return self._teacher_h
 
+    def prepare(self) -> None:
+        """Run the teacher on the held-out blocks now (once), so the token count does not depend on resumes."""
+        self._teacher_hidden()
+
     @torch.no_grad()
     def teacher_ppl(self) -> float:
         ce = [chunked_ce(h, _labels(b.to(self.device)), self.teacher.lm_head, chunk_tokens=self.chunk) for b, h in zip(self.batches, self._teacher_hidden())]

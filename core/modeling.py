@@ -13,6 +13,7 @@ transformers is imported, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -125,26 +126,57 @@ def as_hybrid(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None, *, extra: dict[str, Any] | None = None) -> Path:
-    """``save_pretrained`` a hybrid (config with its ``hybridize`` section, safetensors, tokenizer)."""
+    """``save_pretrained`` a hybrid (config with its ``hybridize`` section, safetensors, tokenizer).
+
+    Everything is written to ``.<name>.tmp`` beside ``path``, then a manifest of sha256 hashes
+    (:mod:`hybridize.integrity`), then the directory is renamed to ``path``: a directory at ``path``
+    is always complete, and :func:`load_hybrid` checks it against the manifest.
+    """
+    from hybridize import faults
+    from hybridize.integrity import write_manifest
+    from hybridize.outputs import replace_dir
+
     model = as_hybrid(model)
     if extra:
         model.config.hybridize = {**model.config.hybridize, **extra}
     path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():  # left by an interrupted save
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        tokenizer.save_pretrained(tmp)
+    faults.kill_point("save-model")
+    write_manifest(tmp)
+    replace_dir(tmp, path)
     return path
 
 
 def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a saved hybrid (the same as ``AutoModelForCausalLM.from_pretrained`` after ``import hybridize``)."""
+    """Load a saved hybrid (the same as ``AutoModelForCausalLM.from_pretrained`` after ``import hybridize``).
+
+    A local directory is first checked against the manifest :func:`save_hybrid` wrote; weights are
+    read only from safetensors files.
+
+    Raises:
+        IntegrityError: the manifest is missing (an interrupted save) or a file does not match it.
+        HybridizeError: the directory holds a model that is not a hybrid.
+    """
+    from hybridize.integrity import read_manifest, verify_manifest
     from hybridize.surgery import install_padding_hook
 
     register_with_transformers()
+    local = Path(path).is_dir()
+    fix = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
+    listed = local and read_manifest(path, what="saved hybrid") is not None
+    if listed:
+        verify_manifest(path, fix=fix)
     config = AutoConfig.from_pretrained(path)
     if not str(getattr(config, "model_type", "")).startswith(PREFIX):
         raise HybridizeError(f"{str(path)!r} is a {config.model_type!r} checkpoint, not a hybrid saved by hybridize")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    if local and not listed:
+        verify_manifest(path, fix=fix)  # raises: no manifest
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
     install_padding_hook(model)
     return model.to(device) if device is not None else model
 

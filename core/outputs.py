@@ -26,17 +26,67 @@ def prepare_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+    """Write JSON through a temporary file (flushed to disk) and an atomic rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(payload, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary directory into place (the old one, if any, goes first)."""
+    """Move a fully written temporary directory into place.
+
+    An old ``final`` is first renamed aside, so at every moment ``final`` is either the old
+    complete directory, absent, or the new complete one.
+    """
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+RUN_CONFIG = "run-config.json"
+
+
+def check_resume_config(out: Path, config: dict[str, Any]) -> None:
+    """Record the resolved config in ``OUT/run-config.json``; on resume, refuse a different one.
+
+    Checkpoints of one config must never continue under another (the result would match neither).
+
+    Raises:
+        HybridizeError: naming the first differing keys.
+    """
+    path = out / RUN_CONFIG
+    if not path.exists():
+        write_json(path, config)
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(config, default=str))
+    diff = sorted(_diff_keys(saved, current))
+    if diff:
+        raise HybridizeError(
+            f"--resume of {str(out)!r} with a different config: {', '.join(diff[:5])} differ(s) from {str(path)!r}; "
+            "resume with the same config and --set values, or use --overwrite / another --out"
+        )
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".") or "config"]
+
+
+def finish_run_dir(out: Path) -> Path:
+    """Write ``OUT/hybridize-manifest.json`` (every output except checkpoints), last of all."""
+    from hybridize.integrity import write_manifest
+
+    return write_manifest(out, exclude=("checkpoints",))
 
 
 def plot_distill_curve(history: dict[str, list[dict]], after_surgery: float | None, path: Path, title: str) -> Path:
@@ -65,9 +115,16 @@ def plot_distill_curve(history: dict[str, list[dict]], after_surgery: float | No
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """``savefig`` to a temporary name, then rename (a killed run never leaves half a PNG)."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
 
 
 def _plt() -> Any:
@@ -121,7 +178,7 @@ def plot_scores(selection: dict[str, Any], path: Path, title: str, raw_label: st
         ax2.text(0.5, 0.5, "single evaluation (no trajectory)", ha="center", va="center")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -150,6 +207,6 @@ def plot_jaccard(selection: dict[str, Any], path: Path, title: str, windows: int
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path

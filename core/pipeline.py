@@ -10,7 +10,8 @@ import torch
 from hybridize.data import prepare_data
 from hybridize.distill import Distiller
 from hybridize.errors import ConfigError
-from hybridize.outputs import plot_distill_curve, prepare_out_dir, replace_dir, write_json
+from hybridize import faults
+from hybridize.outputs import check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
 from hybridize.runconfig import RunConfig
 
 
@@ -59,6 +60,7 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
             f"{cfg.softmax_layers!r} (use `hybridize run` to select layers)"
         )
     out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    check_resume_config(out, cfg.to_dict())
     pm = get_plugin_manager()
     pm.hook.hybridize_run_start(run_dir=str(out), config=cfg.to_dict())
     t0 = time.perf_counter()
@@ -70,9 +72,8 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
     distiller = Distiller(teacher=teacher.model, data=data, cfg=cfg.distill, device=device, ckpt_dir=out / "checkpoints",
                           seed=cfg.seed, progress=progress, on_step=_observe(pm))
     report = distiller.run(student)
-    tmp = out / ".model.tmp"
-    save_hybrid(student.cpu(), tmp, teacher.tokenizer)
-    replace_dir(tmp, out / "model")
+    save_hybrid(student.cpu(), out / "model", teacher.tokenizer)
+    faults.kill_point("save-result")
     result = {
         "softmax_layers": sorted(cfg.softmax_layers),
         "linear_attention": cfg.linear_attention.name,
@@ -90,6 +91,7 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
     write_json(out / "result.json", result)
     plot_distill_curve(report["history"], report["metrics"].get("heldout_kl_after_surgery"), out / "distill.png",
                        f"{Path(cfg.teacher).name}: {cfg.linear_attention.name}, softmax layers {sorted(cfg.softmax_layers)}")
+    finish_run_dir(out)
     pm.hook.hybridize_run_end(run_dir=str(out), result=result)
     return result
 
@@ -128,6 +130,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     from hybridize.teacher import decoder_layers, load_teacher
 
     out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    check_resume_config(out, cfg.to_dict())
     pm = get_plugin_manager()
     pm.hook.hybridize_run_start(run_dir=str(out), config=cfg.to_dict())
     t0 = time.perf_counter()
@@ -145,6 +148,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
                                  pm=pm, device=device, k=k, ckpt_dir=out / "checkpoints" / "selection", seed=cfg.seed, progress=progress)
         selection = engine.run()
     pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])
+    faults.kill_point("selection-done")
     student = build_student(teacher.model, selection["softmax_layers"], cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
     final_cfg = cfg.distill
     if engine is not None and engine.stage1_modules:  # stage 1 is layer-local: reuse the shared pass
@@ -156,9 +160,8 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     distiller = Distiller(teacher=teacher.model, data=data, cfg=final_cfg, device=device, ckpt_dir=out / "checkpoints" / "final",
                           seed=cfg.seed, progress=progress, on_step=_observe(pm))
     report = distiller.run(student)
-    tmp = out / ".model.tmp"
-    save_hybrid(student.cpu(), tmp, teacher.tokenizer, extra={"selection": selection["components"], "scores": selection["scores"]})
-    replace_dir(tmp, out / "model")
+    save_hybrid(student.cpu(), out / "model", teacher.tokenizer, extra={"selection": selection["components"], "scores": selection["scores"]})
+    faults.kill_point("save-result")
     sel_tok = selection["tokens"]
     tokens = {
         "stage1": sel_tok["stage1"] or report["tokens"]["stage1"], "stage1_shared_with_final": bool(engine and engine.stage1_modules),
@@ -173,7 +176,8 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     result = {
         "softmax_layers": selection["softmax_layers"], "linear_attention": cfg.linear_attention.name, "k": k,
         "scores": selection["scores"], "raw_scores": selection["raw_scores"], "ranking": selection["ranking"],
-        "stop_step": selection["stop_step"], "selection": {"components": selection["components"], "trajectory": selection["trajectory"]},
+        "stop_step": selection["stop_step"], "selection": {"components": selection["components"], "trajectory": selection["trajectory"],
+                                                         "probe_status": selection.get("probe_status", {}), "failed_layers": selection.get("failed_layers", [])},
         "tokens": tokens, "metrics": report["metrics"], "history": report["history"], "config": cfg.to_dict(),
         "plugins": pm.versions(), "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -184,5 +188,6 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     stop = cfg.selection.stop.params
     plot_jaccard(selection, out / "jaccard.png", name, windows=int(stop.get("windows", 10)), threshold=stop.get("threshold", 0.9 if cfg.selection.stop.name == "rolling-jaccard" else None))
     plot_distill_curve(report["history"], report["metrics"].get("heldout_kl_after_surgery"), out / "distill.png", f"{name}: final hybrid {selection['softmax_layers']}")
+    finish_run_dir(out)
     pm.hook.hybridize_run_end(run_dir=str(out), result=result)
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,12 @@ from torch import nn
 from hybridize.config import ComponentRef
 from hybridize.data import BlockSampler, PackedData
 from hybridize.distill import DistillConfig, Distiller, alignment_losses, linear_modules
-from hybridize.errors import ConfigError
+from hybridize import faults
+from hybridize.errors import ConfigError, HybridizeError
 from hybridize.losses import chunked_kl
 from hybridize.selection import Probe, ScoreContext, jaccard, rank, resolve_budget
 from hybridize.teacher import decoder_layers
-from hybridize.train import atomic_torch_save, autocast_for, cosine_lambda, param_groups, rng_state, set_rng_state
+from hybridize.train import atomic_torch_save, autocast_for, cosine_lambda, load_checkpoint, param_groups, rng_state, set_rng_state
 
 ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
 
@@ -44,6 +46,9 @@ class SelectionConfig:
         eval_every: probe steps per evaluation window (0 = about 20 windows).
         probe_lr_attn / probe_lr_other: probe learning rates (0 = distill.stage2_lr_attn / _other).
         probe_group_size: probes trained together on the device (0 = all at once).
+        nan_retry_lr_scale: a probe whose loss or score turns NaN / inf is retried once from its last
+            checkpoint with its learning rates times this factor; if it diverges again it is marked
+            failed and left out of the ranking.
     """
 
     selector: ComponentRef = attrs.field(default=ComponentRef(name="kl-greedy-add"), converter=lambda v: ComponentRef.parse(v, where="selection field 'selector'"))
@@ -54,6 +59,11 @@ class SelectionConfig:
     probe_lr_attn: float = attrs.field(default=0.0, validator=ge0)
     probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
     probe_group_size: int = attrs.field(default=0, validator=ge0)
+    nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
+
+
+class ProbeDivergedWarning(UserWarning):
+    """A probe's loss or score became NaN / inf (it is retried once, then left out of the ranking)."""
 
 
 @attrs.define
@@ -131,6 +141,8 @@ class SelectionEngine:
     seed: int = 0
     progress: bool = True
     on_window: Any = None
+    stage1_from: Any = None  # (modules, tokens) of a stage-1 pass already run on this teacher, data and seed
+
 
     def __attrs_post_init__(self) -> None:
         self.n_layers = len(decoder_layers(self.teacher))
@@ -138,9 +150,13 @@ class SelectionEngine:
         self.distiller = Distiller(teacher=self.teacher, data=self.data, cfg=self.distill, device=self.device,
                                    ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress)
         self.stage1_modules: dict[int, nn.Module] = {}
+        self.stage1_shared = False
+        self._stage1_teacher_tokens = 0
         self.trajectory: list[dict[str, Any]] = []
         self.stop_step: int | None = None
         self.tokens = {"stage1": 0, "probe_each": 0, "probes_total": 0, "teacher_forward": 0}
+        self.probe_status: dict[int, dict[str, Any]] = {}  # layer -> retried / failed record
+        self._memory_ckpt: dict[str, Any] | None = None  # the last probe checkpoint when ckpt_dir is None
 
     # -- stage 1, shared --------------------------------------------------------------------------
     def shared_stage1(self) -> dict[int, nn.Module]:
@@ -151,8 +167,26 @@ class SelectionEngine:
         self.distiller.stage1(student)
         self.tokens["stage1"] = self.distiller.tokens["stage1"]
         self.tokens["teacher_forward"] += self.distiller.tokens["teacher_forward"]
+        self._stage1_teacher_tokens = self.distiller.tokens["teacher_forward"]
         self.stage1_modules = {i: m.requires_grad_(False) for i, m in linear_modules(student).items()}
         return self.stage1_modules
+
+    def stage1_tokens(self) -> dict[str, int]:
+        """What the stage-1 pass cost: student tokens and teacher-forward tokens."""
+        return {"stage1": self.tokens["stage1"], "teacher_forward": self._stage1_teacher_tokens}
+
+    def adopt_stage1(self, modules: dict[int, nn.Module], tokens: Mapping[str, int]) -> dict[int, nn.Module]:
+        """Start from a stage-1 pass run elsewhere (``hybridize compare`` shares one per seed).
+
+        Its tokens are still counted in this selection's report, so that the report says what
+        the selection costs on its own; the caller accounts for the sharing.
+        """
+        self.stage1_modules = modules
+        self.tokens["stage1"] = tokens["stage1"]
+        self.tokens["teacher_forward"] += tokens["teacher_forward"]
+        self._stage1_teacher_tokens = tokens["teacher_forward"]
+        self.stage1_shared = True
+        return modules
 
     @torch.no_grad()
     def stage1_residuals(self) -> dict[int, float]:
@@ -191,8 +225,13 @@ class SelectionEngine:
         size = self.cfg.probe_group_size or len(runs)
         return [runs[i : i + size] for i in range(0, len(runs), size)]
 
-    def _train_window(self, group: list[ProbeRun], batches: list[torch.Tensor], teacher_h: list[list[torch.Tensor]]) -> None:
-        """The window's optimizer steps for one group of probes, on the shared teacher hidden states."""
+    def _train_window(self, group: list[ProbeRun], batches: list[torch.Tensor], teacher_h: list[list[torch.Tensor]]) -> dict[int, bool]:
+        """The window's optimizer steps for one group of probes, on the shared teacher hidden states.
+
+        Returns:
+            layer -> whether every training loss of that probe in this window was finite.
+        """
+        finite = {run.probe.layer: torch.ones((), dtype=torch.bool, device=self.device) for run in group}
         for ids_parts, h_parts in zip(batches, teacher_h):
             for run in group:
                 for ids, h_t in zip(ids_parts, h_parts):
@@ -200,12 +239,17 @@ class SelectionEngine:
                         h_s = run.model.model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
                         loss = chunked_kl(h_s, h_t.to(self.device), run.model.lm_head, self.teacher.lm_head,
                                           temperature=self.distill.temperature, chunk_tokens=self.distill.kl_chunk_tokens)
+                    if faults.fires("probe-nan", run.probe.layer):
+                        loss = loss * float("nan")
+                    finite[run.probe.layer] &= torch.isfinite(loss.detach())  # no host sync per step
                     (loss / len(ids_parts)).backward()
                 if self.distill.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(run.model.parameters(), self.distill.grad_clip)
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
+                faults.kill_point("probe-step")
+        return {layer: bool(ok) for layer, ok in finite.items()}
 
     @torch.no_grad()
     def _teacher_window(self, sampler: BlockSampler, steps: int, keep_on: torch.device) -> tuple[list, list]:
@@ -231,8 +275,81 @@ class SelectionEngine:
             raw = self.parts.scorer(ctx)
         return raw
 
+    # -- NaN / inf guard --------------------------------------------------------------------------
+    def _failed(self) -> set[int]:
+        return {l for l, rec in self.probe_status.items() if rec["status"] == "failed"}
+
+    def _divergence(self, run: ProbeRun, finite: dict[int, bool], raw: dict[int, float]) -> str | None:
+        layer = run.probe.layer
+        if not finite.get(layer, True):
+            return "non-finite training loss"
+        if not math.isfinite(raw.get(layer, 0.0)):
+            return f"non-finite score {raw[layer]}"
+        return None
+
+    def _restore(self, run: ProbeRun) -> int:
+        """Put a probe back to the last checkpoint (model, optimizer, schedule); returns its step."""
+        state = self._memory_ckpt if self.ckpt_dir is None else load_checkpoint(self.ckpt_dir / "probes.pt")
+        self._load_probe(run, state["probes"][run.probe.layer])
+        return state["step"]
+
+    def _retry(self, run: ProbeRun, why: str, step: int, batches: list, hidden: list) -> dict[int, float]:
+        """Retry a diverged probe once from its last checkpoint at a lower lr; mark it failed if that diverges too."""
+        layer, scale = run.probe.layer, self.cfg.nan_retry_lr_scale
+        if self.probe_status.get(layer, {}).get("status") == "retried":
+            return self._fail(run, f"{why} again after its retry", step)
+        since = self._restore(run)
+        for g in run.optimizer.param_groups:
+            g["lr"] *= scale
+            if "initial_lr" in g:
+                g["initial_lr"] *= scale
+        run.scheduler.base_lrs = [lr * scale for lr in run.scheduler.base_lrs]
+        self.probe_status[layer] = {"status": "retried", "step": step, "reason": why, "lr_scale": scale}
+        warnings.warn(f"probe of layer {layer} diverged ({why}) in the window ending at probe step {step}; retrying it "
+                      f"once from its checkpoint at step {since} with learning rates x{scale}", ProbeDivergedWarning, stacklevel=2)
+        finite = self._train_window([run], batches, hidden)
+        raw = self._score_window([run])
+        again = self._divergence(run, finite, raw)
+        return self._fail(run, f"{again} after its retry at lr x{scale}", step) if again else raw
+
+    def _fail(self, run: ProbeRun, why: str, step: int) -> dict[int, float]:
+        layer = run.probe.layer
+        self.probe_status[layer] = {"status": "failed", "step": step, "reason": why, "lr_scale": self.cfg.nan_retry_lr_scale}
+        warnings.warn(f"probe of layer {layer} failed ({why}) at probe step {step}; layer {layer} is left out of the "
+                      "ranking and cannot be selected", ProbeDivergedWarning, stacklevel=2)
+        return {}
+
+    def _guarded_scores(self, group: list[ProbeRun], step: int, batches: list, hidden: list) -> dict[int, float]:
+        """Train one group for the window, score it, retry or fail the probes that diverged."""
+        active = [r for r in group if r.probe.layer not in self._failed()]
+        if not active:
+            return {}
+        finite = self._train_window(active, batches, hidden)
+        raw = self._score_window(active)
+        for run in active:
+            why = self._divergence(run, finite, raw)
+            if why is not None:
+                raw.pop(run.probe.layer, None)
+                raw.update(self._retry(run, why, step, batches, hidden))
+        return raw
+
+    def _importance(self, raw: dict[int, float]) -> dict[int, float]:
+        """The selector's importance of the healthy layers (failed probes are left out of the ranking)."""
+        failed = self._failed()
+        if not failed:
+            return self.parts.selector.importance(raw, self.n_layers, self.k)
+        healthy = {l: v for l, v in raw.items() if l not in failed}
+        if len(healthy) < self.k:
+            raise HybridizeError(
+                f"only {len(healthy)} probe(s) finished with finite scores (failed: layers {sorted(failed)}), fewer than "
+                f"K={self.k}; lower selection.probe_lr_attn / probe_lr_other or check the data"
+            )
+        fill = sum(healthy.values()) / len(healthy)  # a neutral stand-in so the selector sees every layer
+        importance = self.parts.selector.importance({**healthy, **dict.fromkeys(failed, fill)}, self.n_layers, self.k)
+        return {l: v for l, v in importance.items() if l not in failed}
+
     def _record_window(self, step: int, tokens: int, raw: dict[int, float]) -> bool:
-        importance = self.parts.selector.importance(raw, self.n_layers, self.k)
+        importance = self._importance(raw)
         order = rank(importance)
         top = sorted(order[: self.k])
         prev = self.trajectory[-1]["top_k"] if self.trajectory else None
@@ -245,32 +362,39 @@ class SelectionEngine:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save(self, runs: list[ProbeRun], sampler: BlockSampler, step: int, done: bool) -> None:
-        if self.ckpt_dir is None:
-            return
+        """Checkpoint every probe, the data position and the stop state (kept in memory without ``ckpt_dir``)."""
         state = {"step": step, "done": done, "stop_step": self.stop_step, "sampler": sampler.state_dict(),
                  "trajectory": self.trajectory, "stop": self.parts.stop.state_dict(), "tokens": self.tokens, "rng": rng_state(),
+                 "probe_status": {str(l): rec for l, rec in self.probe_status.items()},
                  "probes": {r.probe.layer: {"model": {n: p.detach().cpu() for n, p in r.model.named_parameters()},
                                             "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict()}
                             for r in runs}}
-        atomic_torch_save(state, self.ckpt_dir / "probes.pt")
+        if self.ckpt_dir is None:
+            self._memory_ckpt = copy.deepcopy(state)
+        else:
+            atomic_torch_save(state, self.ckpt_dir / "probes.pt")
+
+    @staticmethod
+    def _load_probe(run: ProbeRun, saved: dict[str, Any]) -> None:
+        params = dict(run.model.named_parameters())
+        with torch.no_grad():
+            for n, t in saved["model"].items():
+                params[n].copy_(t)
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.scheduler.load_state_dict(saved["scheduler"])
 
     def _load(self, runs: list[ProbeRun], sampler: BlockSampler) -> tuple[int, bool]:
         path = self.ckpt_dir / "probes.pt" if self.ckpt_dir else None
         if path is None or not path.exists():
             return 0, False
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path)
         for r in runs:
-            saved = state["probes"][r.probe.layer]
-            params = dict(r.model.named_parameters())
-            with torch.no_grad():
-                for n, t in saved["model"].items():
-                    params[n].copy_(t)
-            r.optimizer.load_state_dict(saved["optimizer"])
-            r.scheduler.load_state_dict(saved["scheduler"])
+            self._load_probe(r, state["probes"][r.probe.layer])
         sampler.load_state_dict(state["sampler"])
         self.parts.stop.load_state_dict(state["stop"])
         set_rng_state(state["rng"])
         self.trajectory, self.tokens, self.stop_step = state["trajectory"], state["tokens"], state["stop_step"]
+        self.probe_status = {int(l): rec for l, rec in state.get("probe_status", {}).items()}
         return state["step"], state["done"]
 
     # -- the whole selection ------------------------------------------------------------------------------
@@ -286,6 +410,8 @@ class SelectionEngine:
         groups = self._groups(runs)
         sampler = BlockSampler(self.data.train.shape[0], B, seed=self.seed)
         step, done = self._load(runs, sampler)
+        if step == 0:
+            self._save(runs, sampler, 0, False)  # the "last checkpoint" a diverged probe restarts from
         on_device = len(groups) == 1
         for r in runs:
             r.to(self.device if on_device else torch.device("cpu"))
@@ -298,11 +424,11 @@ class SelectionEngine:
                 if not on_device:
                     for r in group:
                         r.to(self.device)
-                self._train_window(group, batches, hidden)
-                raw.update(self._score_window(group))
+                raw.update(self._guarded_scores(group, step + n, batches, hidden))
                 if not on_device:
                     for r in group:
                         r.to(torch.device("cpu"))
+                faults.kill_point("probe-group")
             step += n
             self.tokens["probe_each"] = step * B * T
             stop = self._record_window(step, step * B * T, raw)
@@ -312,6 +438,7 @@ class SelectionEngine:
             bar.update(n)
             bar.set_postfix(top_k=self.trajectory[-1]["top_k"])
             self._save(runs, sampler, step, done)
+            faults.kill_point("probe-window")
         bar.close()
         self.tokens["probes_total"] = self.tokens["probe_each"] * len(runs)
         self.n_probes = len(runs)
@@ -322,8 +449,13 @@ class SelectionEngine:
         needs = self.parts.selector.needs
         self.n_probes = 0
         torch.manual_seed(self.seed)  # the all-linear student's fresh parameters (gates, output gate, ...)
+        if needs == "probes" or (needs == "stage1" and self.distill.stage1_tokens):
+            self.distiller.evaluator.prepare()  # used either way; a resumed run that skips stage 1 counts it too
         if needs in ("probes", "stage1"):
-            self.shared_stage1()
+            if self.stage1_from is not None:
+                self.adopt_stage1(*self.stage1_from)
+            else:
+                self.shared_stage1()
         if needs == "probes":
             raw = self.run_probes()
         elif needs == "stage1":
@@ -339,6 +471,7 @@ class SelectionEngine:
             "softmax_layers": final["top_k"], "k": self.k, "ranking": rank(final["importance"]),
             "scores": final["importance"], "raw_scores": final["raw"], "trajectory": self.trajectory,
             "stop_step": self.stop_step, "components": self.parts.names, "tokens": self._token_report(),
+            "probe_status": {int(l): rec for l, rec in sorted(self.probe_status.items())}, "failed_layers": sorted(self._failed()),
         }
 
     def _token_report(self) -> dict[str, Any]:

@@ -183,14 +183,38 @@ def load_teacher(
     path = _resolve(path_or_id)
     config = _load_config(path, trust_remote_code)
     _check_config(config, path)
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    _check_vocab(tokenizer, config, path)
+    _require_safetensors(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=trust_remote_code, **kwargs
+        path, config=config, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=trust_remote_code,
+        use_safetensors=True, **kwargs
     )
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
-    return Teacher(model=model, tokenizer=_load_tokenizer(path, trust_remote_code), path=path)
+    return Teacher(model=model, tokenizer=tokenizer, path=path)
+
+
+def _require_safetensors(path: str) -> None:
+    """Weights are read only from safetensors: a local directory with only ``.bin`` files is refused."""
+    local = Path(path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise HybridizeError(
+            f"teacher {path!r} has no *.safetensors weights; hybridize loads weights only from safetensors. Convert "
+            "the checkpoint once (from_pretrained(...).save_pretrained(dir, safe_serialization=True)) and pass that directory"
+        )
+
+
+def _check_vocab(tokenizer: PreTrainedTokenizerBase | None, config: Any, path: str) -> None:
+    """A tokenizer must not produce ids beyond the model's vocabulary (checked before weights load)."""
+    vocab = getattr(config, "vocab_size", None)
+    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
+        raise HybridizeError(
+            f"teacher {path!r}: its tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}, so token "
+            f"ids >= {vocab} would index past the embedding; use the tokenizer saved with this checkpoint"
+        )
 
 
 # -- reading attention layers -------------------------------------------------------------------

@@ -21,7 +21,10 @@ import attrs
 import torch
 from torch import nn
 
+from hybridize import faults
 from hybridize.data import BlockSampler
+from hybridize.errors import HybridizeError
+from hybridize.integrity import IntegrityError, commit_checkpoint, record_checkpoint, verify_checkpoint
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,11 +74,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``obj`` to ``path`` through a temporary file and an atomic rename, its hash in the manifest.
+
+    The directory's manifest records the new file's sha256 before the rename (see
+    :mod:`hybridize.integrity`), so :func:`load_checkpoint` can tell a damaged file from a good one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed process
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    record_checkpoint(path, tmp)
+    faults.kill_point("checkpoint-write")
     os.replace(tmp, path)
+    commit_checkpoint(path)
+
+
+def load_checkpoint(path: Path) -> Any:
+    """Verify a checkpoint against its manifest, then load it with ``weights_only=True``.
+
+    Raises:
+        IntegrityError: the file has no manifest record, does not match it, or cannot be read.
+    """
+    verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise IntegrityError(
+            f"checkpoint {str(path)!r} cannot be loaded ({type(exc).__name__}: {exc}); delete that file to redo "
+            "its stage, or start again with --overwrite"
+        ) from exc
+
+
+class NonFiniteLossError(HybridizeError):
+    """A training loss became NaN or infinite; the step was not applied."""
 
 
 def autocast_for(device: torch.device) -> Any:
@@ -155,7 +189,7 @@ class Loop:
         """Load the checkpoint if one exists; True when resumed."""
         if self.ckpt_path is None or not self.ckpt_path.exists():
             return False
-        self.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+        self.load_state_dict(load_checkpoint(self.ckpt_path))
         return True
 
     # -- the loop ---------------------------------------------------------------------------
@@ -169,6 +203,11 @@ class Loop:
                 loss = self.loss_fn(batch) / n_micro
             loss.backward()
             total += float(loss.detach())
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"{self.name}: the training loss is {total} at step {self.step + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}); "
+                "the step was not applied. Lower the learning rate, then --resume continues from the last checkpoint"
+            )
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
@@ -205,6 +244,7 @@ class Loop:
                 self.save()
             if self.on_step is not None:
                 self.on_step(self.step, self.tokens, metrics)
+            faults.kill_point(f"{self.name}-step")
         bar.close()
         self._maybe_eval(force=True)
         self.save()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hybridize.errors import HybridizeError
+from hybridize.integrity import write_manifest
 from hybridize.modeling import load_hybrid, save_hybrid
 from hybridize.surgery import build_student
 from hybridize.testing.models import FAMILIES, tiny_model, tiny_tokenizer
@@ -62,5 +63,6 @@ def test_missing_variant_plugin_names_it(tmp_path):
     cfg["hybridize"]["variant"] = "fancy-attn"
     cfg["hybridize"]["plugin"] = {"distribution": "hybridize-fancy", "version": "2.0"}
     cfg_path.write_text(json.dumps(cfg))
+    write_manifest(tmp_path / "m")  # as if saved where that plugin is installed
     with pytest.raises(HybridizeError, match="'fancy-attn' from hybridize-fancy 2.0, which is not installed"):
         load_hybrid(tmp_path / "m")
