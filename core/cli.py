@@ -91,6 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t, m = result["tokens"], result["metrics"]
     print(f"\nselected softmax layers {result['softmax_layers']} (K={result['k']}) by {result['selection']['components']['selector']}")
     print("  importance: " + ", ".join(f"{l}: {v:.4g}" for l, v in sorted(result["scores"].items(), key=lambda kv: int(kv[0]))))
+    if result["selection"].get("failed_layers"):
+        print(f"  probes that diverged twice (NaN / inf), left out of the ranking: layers {result['selection']['failed_layers']}")
     if t["n_probes"]:
         print(f"  {t['n_probes']} probes x {t['probe_each']:,} tokens; stop step {result['stop_step']}; selection cost "
               f"{t['selection_cost']:,} tokens = {t['selection_cost_ratio']:.3f}x the independent per-probe pipeline ({t['independent_pipeline_equivalent']:,})")
