@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -102,6 +103,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Several selectors head to head at several budgets and seeds; OUT/compare.json, compare.md and plots."""
+    from hybridize.compare import compare, load_compare_config
+
+    base, ccfg = load_compare_config(args.config, args.set)
+    result = compare(base, ccfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    spent, alone = result["tokens"]["spent"], result["tokens"]["standalone_sum"]
+    print("\n" + (Path(args.out) / "compare.md").read_text())
+    print(f"tokens: selection {spent['selection']:,} spent vs {alone['selection']:,} for the rows run one by one; "
+          f"final distillation {spent['final_distill']:,} vs {alone['final_distill']:,} ({spent['final_hybrids']} distinct hybrids)")
+    print(f"wrote {args.out}/compare.json, compare.md, compare_metrics.png, compare_layers.png ({result['wall_seconds']} s)")
+    return 0
+
+
 def _eval_refs(args: argparse.Namespace) -> list[Any]:
     """Evaluator refs from `hybridize eval` flags: --tasks becomes one lm-eval evaluator, --evaluator adds any other."""
     import yaml
@@ -181,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a hybrid with an explicit list of softmax layers")
     _add_run_args(p)
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("compare", help="compare selectors head to head (a run config with a compare section)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("eval", help="evaluate a saved hybrid or a plain HF model directory (lm-eval tasks, perplexity, ...)")
     p.add_argument("dir", help="model directory: a saved hybrid (OUT/model) or a Hugging Face teacher")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. niah_single_1,niah_multikey_2,swde (or the group ruler)")

@@ -19,3 +19,14 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared (real teachers and data) is not beside this checkout")
     return SHARED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core CI box only contends with more."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
