@@ -52,6 +52,8 @@ class LmEvalConfig:
         num_fewshot: few-shot examples (None = each task's default).
         bootstrap_iters: lm-eval's bootstrap iterations for standard errors (0 = none).
         seed: lm-eval's random seed (RULER documents depend on it).
+        include_path: directories of your own lm-eval task YAML files (as ``lm_eval --include_path``);
+            their tasks are found by name like the built-in ones.
     """
 
     tasks: list[str] = attrs.field(validator=_non_empty)
@@ -65,26 +67,34 @@ class LmEvalConfig:
     num_fewshot: int | None = None
     bootstrap_iters: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     seed: int = 0
+    include_path: list[str] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         tasks = ruler.expand(self.tasks)
         problems = ruler.config_problems(tasks, online=self.online, essays_dir=self.essays_dir, lengths=self.max_seq_lengths)
         problems += swde.check_source(self.swde_data)
+        problems += [f"field 'include_path': {p!r} is not a directory of lm-eval task YAML files; fix the path"
+                     for p in self.include_path if not Path(p).expanduser().is_dir()]
         if self.swde_data is not None and "swde" not in tasks:
             problems.append(f"field 'swde_data' is set but 'swde' is not among tasks {self.tasks}; add it or drop swde_data")
         if problems:
             raise ConfigError(problems)
 
 
-def _task_manager(tasks: list[str]) -> Any:
-    """lm-eval's TaskManager; indexing only RULER and SWDE (fast) when nothing else is asked for."""
+def _task_manager(tasks: list[str], include_path: list[str] = ()) -> Any:
+    """lm-eval's TaskManager; indexing only RULER, SWDE and the user's include paths (fast) when nothing else is asked for."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    extra = [str(Path(p).expanduser()) for p in include_path]
+    if extra:
+        own = TaskManager(include_defaults=False, include_path=extra)
+        if all(t in own.all_tasks for t in tasks):
+            return own
     if all(ruler.is_ruler(t) or t == "swde" for t in tasks):
         root = Path(lm_eval.__file__).parent / "tasks"
-        return TaskManager(include_defaults=False, include_path=[str(root / "ruler"), str(root / "swde")])
-    return TaskManager()
+        return TaskManager(include_defaults=False, include_path=[str(root / "ruler"), str(root / "swde"), *extra])
+    return TaskManager(include_path=extra or None)
 
 
 def _check_known(tm: Any, tasks: list[str]) -> None:
@@ -127,7 +137,7 @@ class LmEval:
             level = quiet.level
             quiet.setLevel(logging.ERROR)
             try:
-                tm = _task_manager(self.tasks)
+                tm = _task_manager(self.tasks, self.config.include_path)
                 _check_known(tm, self.tasks)
                 ruler.check_lengths(self.tasks, target.tokenizer, cfg.max_seq_lengths)
                 splitter = ruler.sentence_splitter() if set(self.tasks) & set(ruler.ESSAY) else None
