@@ -122,8 +122,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from hybridize.quickstart import quickstart
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    result = quickstart(args.out, cache_dir=args.cache_dir, seeds=seeds, ratio=args.ratio, resume=args.resume,
-                        overwrite=args.overwrite, progress=not args.quiet)
+    result = quickstart(args.out, cache_dir=args.cache_dir, seeds=seeds, ratio=args.ratio, overrides=args.set,
+                        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     qs = result["quickstart"]
     info = qs["teacher_info"]
     spec = info["spec"]
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where the teacher is cached (default $HYBRIDIZE_CACHE or ~/.cache/hybridize)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
     p.add_argument("--ratio", type=float, default=0.25, help="softmax ratio (default 0.25: 1 of the teacher's 4 layers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the compare config, e.g. --set distill.stage2_tokens=300000 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue a killed quickstart in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -192,11 +192,25 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: metrics that describe the teacher, not the hybrid: drawn as a reference line, not as a series
+_REFERENCE = {"student_ppl": "teacher_ppl"}
+_LOWER_IS_BETTER = ("heldout_kl", "student_ppl", "kl", "ppl", "loss")
+
+
+def _plotted_metrics(table: list[dict[str, Any]]) -> list[str]:
+    names = list(dict.fromkeys(m for t in table for m in t["metrics"]))
+    return [m for m in names if m not in _REFERENCE.values()]
+
+
 def plot_metrics(table: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Each metric against the softmax budget K, one line (mean, error bar = std over seeds) per selector."""
+    """Each hybrid metric per selector (mean, error bar = std over seeds).
+
+    Several budgets: the metric against K, one line per selector. One budget: one bar per selector.
+    The teacher's perplexity is a dashed reference line on the hybrid's.
+    """
     from hybridize.outputs import _plt, _save_figure
 
-    metric_names = list(dict.fromkeys(m for t in table for m in t["metrics"]))
+    metric_names = _plotted_metrics(table)
     if not metric_names:
         return None
     plt = _plt()
@@ -204,21 +218,39 @@ def plot_metrics(table: list[dict[str, Any]], path: Path, title: str) -> Path | 
     rows_n = math.ceil(len(metric_names) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
     selectors = list(dict.fromkeys(t["selector"] for t in table))
+    colors = {s: f"C{i}" for i, s in enumerate(selectors)}
     ks = sorted({t["k"] for t in table})
     for ax, metric in zip(axes.flat, metric_names):
-        for i, sel in enumerate(selectors):
-            pts = sorted((t["k"], *t["metrics"].get(metric, (float("nan"), 0.0))) for t in table if t["selector"] == sel)
-            x = [p[0] + (i - (len(selectors) - 1) / 2) * 0.04 * max(1, ks[-1] - ks[0]) for p in pts]  # dodge overlapping bars
-            ax.errorbar(x, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=sel)
-        ax.set_xlabel("softmax layers K")
-        ax.set_xticks(ks)
+        if len(ks) == 1:
+            means = [next((t["metrics"].get(metric, (float("nan"), 0.0)) for t in table if t["selector"] == s), (float("nan"), 0.0)) for s in selectors]
+            ax.bar(range(len(selectors)), [m for m, _ in means], yerr=[sd for _, sd in means], capsize=4,
+                   color=[colors[s] for s in selectors])
+            ax.set_xticks(range(len(selectors)), selectors, rotation=20, ha="right", fontsize=8)
+            for i, (m, sd) in enumerate(means):
+                if not math.isnan(m):
+                    ax.annotate(f"{m:.3g}", (i, m + sd), ha="center", va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
+        else:
+            span = max(1, ks[-1] - ks[0])
+            for i, sel in enumerate(selectors):
+                pts = sorted((t["k"], *t["metrics"].get(metric, (float("nan"), 0.0))) for t in table if t["selector"] == sel)
+                x = [p[0] + (i - (len(selectors) - 1) / 2) * 0.02 * span for p in pts]  # dodge overlapping bars
+                ax.errorbar(x, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=sel, color=colors[sel])
+            ax.set_xlabel("softmax layers K")
+            ax.set_xticks(ks)
+        ref = _REFERENCE.get(metric)
+        ref_vals = [t["metrics"][ref][0] for t in table if ref and ref in t["metrics"] and not math.isnan(t["metrics"][ref][0])]
+        if ref_vals:
+            ax.axhline(statistics.fmean(ref_vals), color="gray", ls="--", lw=1, label="teacher")
+            ax.legend(fontsize=7)
         ax.set_ylabel(metric)
-        ax.set_title(metric + ("  (lower is better)" if metric in ("heldout_kl", "student_ppl") else ""), fontsize=9)
-        ax.grid(alpha=0.3)
+        better = "lower" if any(metric.endswith(x) or metric == x for x in _LOWER_IS_BETTER) else "higher"
+        ax.set_title(f"{metric}  ({better} is better)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
     for ax in list(axes.flat)[len(metric_names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title + " (mean ± std over seeds)", fontsize=10)
+    if len(ks) > 1:
+        axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title + f" (mean ± std over seeds; K = {', '.join(map(str, ks))})", fontsize=10)
     fig.tight_layout()
     _save_figure(fig, path)
     return path
@@ -236,7 +268,7 @@ def plot_layers(rows: list[dict[str, Any]], n_layers: int, path: Path, title: st
             freq[selectors.index(r["selector"]), layer] += 1
     counts = torch.tensor([sum(r["selector"] == s for r in rows) for s in selectors], dtype=torch.float).clamp_min(1)
     freq = freq / counts[:, None]
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * n_layers + 2.5), 0.5 * len(selectors) + 1.6))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * n_layers + 3.5), 0.5 * len(selectors) + 1.8))
     im = ax.imshow(freq.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer")
@@ -247,7 +279,7 @@ def plot_layers(rows: list[dict[str, Any]], n_layers: int, path: Path, title: st
                 v = float(freq[i, j])
                 ax.text(j, i, f"{v:.2g}" if v else "", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
     fig.colorbar(im, ax=ax, label="fraction of runs with the layer softmax")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9, wrap=True)
     fig.tight_layout()
     _save_figure(fig, path)
     return path
@@ -357,5 +389,5 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     write_json(out / "compare.json", result)
     title = f"{Path(base.teacher).name}: {base.linear_attention.name} hybrids"
     plot_metrics(table, out / "compare_metrics.png", title)
-    plot_layers(rows, n_layers, out / "compare_layers.png", title + ": softmax layers chosen per selector")
+    plot_layers(rows, n_layers, out / "compare_layers.png", f"softmax layers chosen per selector\n{title}")
     return result

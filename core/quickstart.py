@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -279,17 +280,17 @@ metadata:
     return directory
 
 
-def quickstart_config(teacher: Path, corpus_path: Path, task_dir: Path, *, seeds: list[int], ratio: float,
+def quickstart_config(spec: RecallSpec, teacher: Path, corpus_path: Path, task_dir: Path, *, seeds: list[int], ratio: float,
                       selectors: list[str], recall_limit: int | None) -> dict[str, Any]:
     """The compare config the quickstart runs (a normal ``hybridize compare`` config; written to OUT)."""
     return {
         "teacher": str(teacher), "device": "cpu", "seed": seeds[0],
-        "data": {"train": str(corpus_path), "seq_len": RecallSpec().seq_len, "heldout_fraction": 0.05},
+        "data": {"train": str(corpus_path), "seq_len": spec.seq_len, "heldout_fraction": 0.05},
         "linear_attention": {"name": "gdn"},
         "softmax_layers": ratio,
         "selection": {"stop": {"name": "fixed-budget"}, "probe_tokens": 49_152, "eval_every": 16,
                       "probe_lr_attn": 2e-3, "probe_lr_other": 2e-4},
-        "distill": {"stage1_tokens": 98_304, "stage1_seq_len": RecallSpec().seq_len, "stage1_lr": 3e-3,
+        "distill": {"stage1_tokens": 98_304, "stage1_seq_len": spec.seq_len, "stage1_lr": 3e-3,
                     "stage2_tokens": 147_456, "stage2_lr_attn": 2e-3, "stage2_lr_other": 2e-4,
                     "batch_size": 32, "eval_blocks": 64, "warmup_fraction": 0.05, "checkpoint_every": 0},
         "evaluators": [{"name": "heldout-kl"},
@@ -301,27 +302,34 @@ def quickstart_config(teacher: Path, corpus_path: Path, task_dir: Path, *, seeds
 
 def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Path | None = None, seeds: list[int] | None = None,
                ratio: float = 0.25, selectors: list[str] | None = None, recall_limit: int | None = None,
+               overrides: Sequence[str] = (), spec: RecallSpec | None = None, n_docs: int = 6000,
                resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Build (or reuse) the teacher, write corpus and recall task, run the comparison. Returns compare.json's content."""
+    """Build (or reuse) the teacher, write corpus and recall task, run the comparison. Returns compare.json's content.
+
+    ``overrides`` are ``--set``-style ``key.path=value`` edits of the compare config (e.g.
+    ``distill.stage2_tokens=300000``); ``spec`` and ``n_docs`` change the teacher and corpus (tests use tiny ones).
+    """
     import yaml
 
     from hybridize.compare import compare, compare_config_from_dict
     from hybridize.outputs import prepare_out_dir
+    from hybridize.runconfig import apply_overrides
 
     t0 = time.perf_counter()
-    spec = RecallSpec()
+    spec = spec or RecallSpec()
     out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
     teacher, info = ensure_teacher(spec, cache_dir, progress=progress)
-    data_dir = teacher.parent / f"data-{spec.key()}"
+    data_dir = teacher.parent / f"data-{spec.key()}-{n_docs}"
     corpus_path = data_dir / "corpus.txt"
     if not corpus_path.is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
         tmp = corpus_path.with_name(".corpus.txt.tmp")
-        tmp.write_text("\n\n".join(corpus(spec, 6000, seed=1)) + "\n")
+        tmp.write_text("\n\n".join(corpus(spec, n_docs, seed=1)) + "\n")
         os.replace(tmp, corpus_path)
     task_dir = write_recall_task(spec, data_dir / "lm_eval_tasks")
-    tree = quickstart_config(teacher, corpus_path, task_dir, seeds=seeds or [0, 1], ratio=ratio,
+    tree = quickstart_config(spec, teacher, corpus_path, task_dir, seeds=seeds or [0, 1], ratio=ratio,
                              selectors=selectors or ["kl-greedy-add", "uniform", "random"], recall_limit=recall_limit)
+    tree = apply_overrides(tree, overrides)
     (out / "quickstart.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     base, ccfg = compare_config_from_dict(tree)
     result = compare(base, ccfg, out, resume=True, progress=progress)

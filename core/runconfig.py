@@ -77,14 +77,36 @@ def _check_softmax_layers(value: Any) -> list[str]:
 
 
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'`` (creating mappings on the way)."""
+    """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'`` (creating mappings on the way).
+
+    A numeric segment indexes a list: ``evaluators.1.limit`` is the second evaluator's ``limit``.
+    """
     *parents, leaf = dotted.split(".")
-    node = tree
+    node: Any = tree
     for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {p!r} is not a mapping")
-    node[leaf] = value
+        if isinstance(node, list):
+            node = _list_item(node, p, dotted)
+        else:
+            node = node.setdefault(p, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {dotted}: {p!r} is not a mapping or a list")
+    if isinstance(node, list):
+        node[_index(node, leaf, dotted)] = value
+    else:
+        node[leaf] = value
+
+
+def _index(items: list[Any], segment: str, dotted: str) -> int:
+    if not segment.isdigit() or int(segment) >= len(items):
+        raise ConfigError(f"--set {dotted}: {segment!r} must be a list index from 0 to {len(items) - 1}")
+    return int(segment)
+
+
+def _list_item(items: list[Any], segment: str, dotted: str) -> Any:
+    item = items[_index(items, segment, dotted)]
+    if isinstance(item, str):  # a bare component name: turn it into a mapping to set its params
+        item = items[int(segment)] = {"name": item}
+    return item
 
 
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
