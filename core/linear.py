@@ -176,9 +176,14 @@ class LinearAttention(nn.Module):
                 "has no recurrent state; pass hybridize's HybridCache (model.generate does this for hybrids)"
             )
         state = past_key_values.get_linear_state(self.layer_idx)
-        out, state = self.mix(
-            hidden_states, state=state, padding_mask=padding_mask, output_state=True, mode=self._auto_mode(hidden_states)
-        )
+        from hybridize import decode_graphs
+
+        if decode_graphs.usable(self, hidden_states, state, padding_mask):  # one token on CUDA: replay a CUDA graph
+            out, state = decode_graphs.decode_step(self, hidden_states, state)
+        else:
+            out, state = self.mix(
+                hidden_states, state=state, padding_mask=padding_mask, output_state=True, mode=self._auto_mode(hidden_states)
+            )
         past_key_values.set_linear_state(self.layer_idx, state, T)
         return out, None
 
@@ -191,9 +196,26 @@ class LinearAttention(nn.Module):
         return "chunk"
 
 
+#: (mask, (B, T), result) of the last call: every linear layer of one forward asks the same
+#: question, and answering it (``mask.all()``) waits for the GPU, so it is answered once per forward
+_LAST_MASK: tuple[Any, Any, Any] = (None, None, None)
+
+
+def forget_padding_mask() -> None:
+    """Drop the memo of :func:`_current_padding_mask` (the padding hook calls it at every forward)."""
+    global _LAST_MASK
+    _LAST_MASK = (None, None, None)
+
+
 def _current_padding_mask(B: int, T: int) -> torch.Tensor | None:
+    global _LAST_MASK
     mask = PADDING_MASK.get()
     if mask is None or mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T:
         return None
-    mask = mask[:, -T:]
-    return None if bool(mask.all()) else mask
+    last = _LAST_MASK
+    if last[0] is mask and last[1] == (B, T):
+        return last[2]
+    part = mask[:, -T:]
+    result = None if bool(part.all()) else part
+    _LAST_MASK = (mask, (B, T), result)
+    return result

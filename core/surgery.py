@@ -16,7 +16,7 @@ from torch import nn
 
 from hybridize.config import config_to_dict
 from hybridize.errors import ConfigError, PluginReturnError
-from hybridize.linear import PADDING_MASK, LinearAttention
+from hybridize.linear import PADDING_MASK, LinearAttention, forget_padding_mask
 from hybridize.registry import Entry
 from hybridize.teacher import Teacher, attention_spec, decoder_layers, teacher_attention_weights
 
@@ -144,6 +144,7 @@ def _mask_from_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tens
 
 
 def _set_padding_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    forget_padding_mask()  # a mask changed in place between forwards must be looked at again
     token = PADDING_MASK.set(_mask_from_call(args, kwargs))
     _MASK_TOKENS.set((*_MASK_TOKENS.get(), token))
 

@@ -49,6 +49,18 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> Literal["torch", "fla
     raise ValueError(f"linear attention field 'backend' must be one of {BACKENDS}; got {backend!r}")
 
 
+#: On CUDA with fla, also run the short convolution (training form: no cache, no padding) and the
+#: gated output norm on fla's fused Triton kernels (``backend`` auto / fla). A switch for benchmarks.
+FLA_AUX_KERNELS = True
+
+
+def use_fla_aux(backend: str, x: torch.Tensor) -> bool:
+    """Whether the short convolution / gated norm should take fla's kernels for ``x``."""
+    if torch.compiler.is_compiling():  # inside torch.compile, inductor fuses the torch form itself
+        return False
+    return FLA_AUX_KERNELS and backend != "torch" and x.is_cuda and fla_available()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the torch reference computes in: float64 stays float64, everything else is fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -121,9 +133,20 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """RMSNorm followed by a SiLU output gate: ``rmsnorm(x) * weight * silu(g)``."""
+    """RMSNorm followed by a SiLU output gate: ``rmsnorm(x) * weight * silu(g)``.
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    On CUDA (``backend`` auto / fla, fla importable) fla's fused ``rms_norm_gated`` kernel computes
+    the same function in one pass.
+    """
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:  # type: ignore[override]
+        if use_fla_aux(backend, x) and x.dtype != torch.float64:
+            from fla.modules.fused_norm_gate import rms_norm_gated
+
+            shape = x.shape
+            y = rms_norm_gated(x.reshape(-1, shape[-1]), g.reshape(-1, shape[-1]).to(x.dtype), self.weight, None,
+                               activation="swish", eps=self.eps)
+            return y.reshape(shape).to(x.dtype)
         return gated_rms_norm(x, g, self.weight, self.eps)
 
 
@@ -167,7 +190,7 @@ class ShortConvolution(nn.Module):
             self.bias.zero_()
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, output_final_state: bool = False,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                mask: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Convolve ``x`` causally, continuing from ``cache``.
 
         Args:
@@ -176,10 +199,19 @@ class ShortConvolution(nn.Module):
             output_final_state: also return the cache after ``x``.
             mask: 1 for real tokens, 0 for padding. Padded tokens are invisible: each real token
                 sees the previous *real* tokens, and the returned cache holds the last real inputs.
+            backend: ``auto`` / ``fla`` take fla's ``causal_conv1d`` kernel on CUDA for the training
+                form (no cache in or out, no padding); ``torch`` always runs the torch form.
 
         Shape:
             x: (B, T, C); cache: (B, C, W - 1); mask: (B, T) -> y: (B, T, C), cache: (B, C, W - 1)
         """
+        if cache is None and mask is None and not output_final_state and use_fla_aux(backend, x) and x.dtype != torch.float64:
+            from fla.modules.causal_conv1d import causal_conv1d
+
+            w = self.weight[:, 0, :].to(x.dtype)  # (C, W)
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            y, _ = causal_conv1d(x.contiguous(), weight=w, bias=b, activation=self.activation, backend="triton")
+            return y, None
         B, T, C = x.shape
         W = self.kernel_size
         if cache is None:
@@ -197,7 +229,8 @@ class ShortConvolution(nn.Module):
             y = F.silu(y)
         new_cache = None
         if output_final_state:
-            new_cache = xp[..., -(W - 1):] if mask is None else _last_real(xp, mask, W - 1)
+            # a copy, not a view: a view would keep the whole (B, C, W-1+T) input of a long prefill alive
+            new_cache = xp[..., -(W - 1):].clone() if mask is None else _last_real(xp, mask, W - 1)
         if order is not None:
             y = torch.empty_like(y).scatter_(1, order[..., None].expand(B, T, C), y)
         return y, new_cache

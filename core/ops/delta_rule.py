@@ -182,6 +182,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, mode: str) -> None:
         check_shape(OP, "initial_state", initial_state, (B, H, K, v.shape[-1]))
 
 
+@torch.compiler.disable  # fla's Triton kernels are opaque to torch.compile: a clean graph break
 def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, mode, use_qk_l2norm):
     """fla's Triton kernels (imported here only: fla needs triton and CUDA)."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule

@@ -154,6 +154,7 @@ def _check_inputs(q, k, v, gk, initial_state, mode: str) -> None:
         check_shape(OP, "initial_state", initial_state, (B, H, K, v.shape[-1]))
 
 
+@torch.compiler.disable  # fla's Triton kernels are opaque to torch.compile: a clean graph break
 def _fla_gla(q, k, v, gk, scale, initial_state, output_final_state, mode):
     """fla's Triton kernels (imported here only: fla needs triton and CUDA)."""
     from fla.ops.gla import chunk_gla, fused_recurrent_gla

@@ -148,22 +148,23 @@ class GatedDeltaNet(LinearAttention):
             x: (B, T, hidden); padding_mask: (B, T) -> (B, T, hidden)
         """
         state = state or {}
-        q, k, v, conv_state = self._project(x, state, padding_mask, output_state)  # (B, T, H, D) each
+        be = self.config.backend if backend == "auto" else backend
+        q, k, v, conv_state = self._project(x, state, padding_mask, output_state, be)  # (B, T, H, D) each
         g, beta = self._gates(x, padding_mask)  # (B, T, H) each
         o, recurrent = gated_delta_rule(
             q, k, v, g, beta, initial_state=state.get("recurrent"), output_final_state=output_state,
-            mode=mode, backend=self.config.backend if backend == "auto" else backend, chunk_size=self.config.chunk_size,
+            mode=mode, backend=be, chunk_size=self.config.chunk_size,
         )
-        y = self._output(o, x)
+        y = self._output(o, x, be)
         return y, ({"recurrent": recurrent, **conv_state} if output_state else None)
 
-    def _project(self, x, state, padding_mask, output_state):
+    def _project(self, x, state, padding_mask, output_state, backend="auto"):
         """q/k/v with norms and short convolutions: :func:`project_qkv`."""
-        return project_qkv(self, x, state, padding_mask, output_state)
+        return project_qkv(self, x, state, padding_mask, output_state, backend=backend)
 
-    def _output(self, o, x):
+    def _output(self, o, x, backend="auto"):
         """Gated output norm and ``o_proj``: :func:`output_projection`."""
-        return output_projection(self, o, x)
+        return output_projection(self, o, x, backend=backend)
 
     def _gates(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-decay ``g = -exp(A_log) softplus(a + dt_bias)`` and write strength ``beta = sigmoid(b)``.
@@ -188,7 +189,7 @@ class GatedDeltaNet(LinearAttention):
 
 
 def project_qkv(module: nn.Module, x: torch.Tensor, state: dict[str, torch.Tensor], padding_mask: torch.Tensor | None,
-                output_state: bool, *, bare_activation: str | None = None,
+                output_state: bool, *, bare_activation: str | None = None, backend: str = "auto",
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """q/k/v projections, optional q/k RMSNorm, then the short convolutions.
 
@@ -202,6 +203,7 @@ def project_qkv(module: nn.Module, x: torch.Tensor, state: dict[str, torch.Tenso
         padding_mask: 1 for real tokens, 0 for padding, or None.
         output_state: also return the convolution caches after ``x``.
         bare_activation: activation without short convolutions; defaults to ``config.conv_activation``.
+        backend: passed to the short convolutions (``torch`` keeps them off fla's kernel).
 
     Shape:
         x: (B, T, hidden) -> q, k, v: (B, T, H, D); conv caches: (B, H*D, W-1)
@@ -216,7 +218,8 @@ def project_qkv(module: nn.Module, x: torch.Tensor, state: dict[str, torch.Tenso
         outs = []
         for name, t in (("q", q), ("k", k), ("v", v)):
             conv = getattr(module, f"{name}_conv1d")
-            y, cache = conv(t, cache=state.get(f"conv_{name}"), output_final_state=output_state, mask=padding_mask)
+            y, cache = conv(t, cache=state.get(f"conv_{name}"), output_final_state=output_state, mask=padding_mask,
+                            backend=backend)
             outs.append(y)
             if output_state:
                 conv_state[f"conv_{name}"] = cache
@@ -227,15 +230,17 @@ def project_qkv(module: nn.Module, x: torch.Tensor, state: dict[str, torch.Tenso
     return q, k, v, conv_state
 
 
-def output_projection(module: nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def output_projection(module: nn.Module, o: torch.Tensor, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Per-head output norm (SiLU-gated by ``g_proj(x)`` when the module has one), then ``o_proj``.
+
+    ``backend`` is passed to the gated norm (``torch`` keeps it off fla's kernel).
 
     Shape:
         o: (B, T, H, D); x: (B, T, hidden) -> (B, T, hidden)
     """
     if hasattr(module, "g_proj"):
         gate = rearrange(module.g_proj(x), "b t (h d) -> b t h d", d=module.spec.head_dim)
-        o = module.o_norm(o, gate)
+        o = module.o_norm(o, gate, backend=backend)
     else:
         o = module.o_norm(o)
     return module.o_proj(rearrange(o, "b t h d -> b t (h d)"))

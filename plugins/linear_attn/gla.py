@@ -97,21 +97,22 @@ class GatedLinearAttention(LinearAttention):
             x: (B, T, hidden); padding_mask: (B, T) -> (B, T, hidden)
         """
         state = state or {}
-        q, k, v, conv_state = self._project(x, state, padding_mask, output_state)  # (B, T, H, D) each
+        be = self.config.backend if backend == "auto" else backend
+        q, k, v, conv_state = self._project(x, state, padding_mask, output_state, be)  # (B, T, H, D) each
         gk = self._gates(x)  # (B, T, H, D)
         if padding_mask is not None:  # k = v = 0 and gk = 0: padded tokens leave the state unchanged
             keep = padding_mask.to(x.dtype)[..., None, None]  # (B, T, 1, 1)
             k, v, gk = k * keep, v * keep, gk * keep.to(gk.dtype)
         o, recurrent = gla(
             q, k, v, gk, initial_state=state.get("recurrent"), output_final_state=output_state,
-            mode=mode, backend=self.config.backend if backend == "auto" else backend, chunk_size=self.config.chunk_size,
+            mode=mode, backend=be, chunk_size=self.config.chunk_size,
         )
-        y = self._output(o, x)
+        y = self._output(o, x, be)
         return y, ({"recurrent": recurrent, **conv_state} if output_state else None)
 
-    def _project(self, x, state, padding_mask, output_state):
+    def _project(self, x, state, padding_mask, output_state, backend="auto"):
         """q/k/v with norms and optional short convolutions (no activation without them, as fla's GLA)."""
-        return project_qkv(self, x, state, padding_mask, output_state, bare_activation="none")
+        return project_qkv(self, x, state, padding_mask, output_state, bare_activation="none", backend=backend)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T, H*D) -> (B, T, H, D)."""
@@ -126,9 +127,9 @@ class GatedLinearAttention(LinearAttention):
         gk = F.logsigmoid(self.gk_proj(x).to(compute_dtype(x.dtype))) / self.config.gate_logit_normalizer
         return self._heads(gk)
 
-    def _output(self, o, x):
+    def _output(self, o, x, backend="auto"):
         """Gated output norm and ``o_proj``: :func:`~hybridize.plugins.linear_attn.gdn.output_projection`."""
-        return output_projection(self, o, x)
+        return output_projection(self, o, x, backend=backend)
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, heads={self.num_heads}, head_dim={self.head_dim}"
