@@ -8,6 +8,8 @@ loop: one prefill forward of the prompt (``logits_to_keep=1``) into the model's 
 teacher: transformers' ``DynamicCache``; the hybrid: :class:`hybridize.cache.HybridCache`), then
 ``--new-tokens`` single-token forwards after ``--warm-tokens`` untimed ones.
 
+The hybrid runs twice: ``hybrid-eager`` launches every kernel of its linear layers from Python,
+``hybrid`` replays them as CUDA graphs (:mod:`hybridize.decode_graphs`, the default on CUDA).
 For each prompt length and batch: decode tokens/s (batch x new tokens / time), prefill time, the
 cache's size after decoding (KV tensors of softmax layers + recurrent and convolution states of
 linear layers) and the peak memory above the weights.
@@ -41,12 +43,20 @@ def cache_bytes(cache: Any) -> int:
 def new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
-    return model._hybrid_cache() if hasattr(model, "_hybrid_cache") else DynamicCache(config=model.config)
+    if hasattr(model, "_hybrid_cache"):
+        return model._hybrid_cache()
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers versions without the config argument
+        return DynamicCache()
 
 
 @torch.no_grad()
-def decode(model: Any, ids: torch.Tensor, new_tokens: int, warm_tokens: int, device: torch.device) -> dict[str, Any]:
-    """Prefill ``ids`` then greedily decode; times and memory of one run."""
+def decode(model: Any, ids: torch.Tensor, new_tokens: int, warm_tokens: int, device: torch.device, graphs: bool = True) -> dict[str, Any]:
+    """Prefill ``ids`` then greedily decode; times and memory of one run (``graphs``: CUDA-graph linear layers)."""
+    from hybridize import decode_graphs
+
+    decode_graphs.ENABLED = graphs
     weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     pc.reset_peak(device)
     cache = new_cache(model)
@@ -85,12 +95,13 @@ def main() -> None:
     teacher = pc.random_teacher(args.size, device, dtype)
     n = teacher.config.num_hidden_layers
     hybrid = build_student(teacher, pc.quarter_softmax(n), "gdn").eval().requires_grad_(False)
-    models = {"teacher": teacher, "hybrid": hybrid}
+    # "hybrid-eager": the same hybrid with hybridize.decode_graphs off (every kernel launched from Python)
+    models = {"teacher": teacher, "hybrid-eager": hybrid, "hybrid": hybrid}
     vocab = teacher.config.vocab_size
     g = torch.Generator().manual_seed(0)
     for name, model in models.items():  # warm-up: kernel autotuning / first calls are not timed
         for b in map(int, args.batches.split(",")):
-            decode(model, torch.randint(0, vocab, (b, 256), generator=g).to(device), 4, 2, device)
+            decode(model, torch.randint(0, vocab, (b, 256), generator=g).to(device), 4, 2, device, graphs=name != "hybrid-eager")
     rows: list[dict[str, Any]] = []
     out = {"env": env, "args": vars(args), "softmax_layers": pc.quarter_softmax(n), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -100,23 +111,26 @@ def main() -> None:
             res = {}
             for name, model in models.items():
                 try:
-                    res[name] = decode(model, ids, args.new_tokens, args.warm_tokens, device)
-                except torch.OutOfMemoryError:
-                    res[name] = {"error": "out of memory"}
+                    res[name] = decode(model, ids, args.new_tokens, args.warm_tokens, device, graphs=name != "hybrid-eager")
+                except Exception as exc:  # noqa: BLE001 - record it (out of memory, ...) and go on
+                    res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 print(f"prompt {P} batch {b} {name}: {res[name]}", flush=True)
-            t, h = res["teacher"], res["hybrid"]
-            row = {"prompt": P, "batch": b}
+            t, h, e = res["teacher"], res["hybrid"], res["hybrid-eager"]
+            row = {"prompt": P, "batch": b, "hybrid_eager_decode_tok_s": e.get("decode_tok_s")}
             for key in ("decode_tok_s", "prefill_s", "cache_GiB", "peak_above_weights_GiB"):
                 row[f"teacher_{key}"], row[f"hybrid_{key}"] = t.get(key), h.get(key)
             if "decode_tok_s" in t and "decode_tok_s" in h:
                 row["speedup"] = h["decode_tok_s"] / t["decode_tok_s"]
                 row["cache_ratio"] = h["cache_GiB"] / t["cache_GiB"]
+            if "decode_tok_s" in t and "decode_tok_s" in e:
+                row["speedup_eager"] = e["decode_tok_s"] / t["decode_tok_s"]
             rows.append(row)
             Path(args.out).write_text(json.dumps(out, indent=2))
-    keys = ["prompt", "batch", "teacher_decode_tok_s", "hybrid_decode_tok_s", "speedup", "teacher_cache_GiB", "hybrid_cache_GiB",
+    keys = ["prompt", "batch", "teacher_decode_tok_s", "hybrid_eager_decode_tok_s", "speedup_eager", "hybrid_decode_tok_s", "speedup",
+            "teacher_cache_GiB", "hybrid_cache_GiB",
             "cache_ratio", "teacher_peak_above_weights_GiB", "hybrid_peak_above_weights_GiB", "teacher_prefill_s", "hybrid_prefill_s"]
     print(f"\n{args.size} Llama teacher vs GDN hybrid (softmax layers {pc.quarter_softmax(n)}), {env.get('gpu', env['device'])}, "
           f"{args.new_tokens} new tokens")
