@@ -33,7 +33,9 @@ def _plugins_payload(pm: Any) -> dict[str, Any]:
             row["params"] = _config_fields(entry.config_cls)
             rows.append(row)
         components[kind] = rows
-    return {"plugins": pm.plugin_info(), "components": components}
+    from hybridize.selection import ChoiceConfig
+
+    return {"plugins": pm.plugin_info(), "components": components, "selector_distance_params": _config_fields(ChoiceConfig)}
 
 
 def _print_plugins(payload: dict[str, Any]) -> None:
@@ -49,6 +51,9 @@ def _print_plugins(payload: dict[str, Any]) -> None:
             print(f"  {r['name']:<20} {r['module']:<40} {dist}")
             if params:
                 print(f"  {'':<20} params: {params}")
+        if kind == "selector" and payload.get("selector_distance_params"):
+            extra = ", ".join(f"{k}={v!r}" for k, v in payload["selector_distance_params"].items())
+            print(f"  every selector also takes the distance options {extra}")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -96,12 +96,22 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
     return result
 
 
+#: what the raw score of each teacher-only / stage-1 proxy scorer measures (axis labels)
+_PROXY_LABELS = {
+    "swap-kl": "held-out KL with layer l's attention swapped for its stage-1 fit [nats/token]",
+    "grad-sensitivity": "|<attention output, dCE/d output>| per token",
+    "attention-entropy": "attention entropy / log(#keys), mean over heads and positions",
+}
+
+
 def _raw_label(selection: dict[str, Any]) -> str:
     scorer, selector = selection["components"].get("scorer"), selection["components"]["selector"]
     if scorer == "kl":
         return "probe held-out KL(teacher || probe) [nats/token]"
     if scorer == "mse":
         return "stage-1 residual ||t - s||_2 / sqrt(d)"
+    if scorer in _PROXY_LABELS:
+        return _PROXY_LABELS[scorer]
     return f"importance ({selector})"
 
 
@@ -141,17 +151,19 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     k = resolve_budget(cfg.softmax_layers, n_layers)
     data = prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
     engine = None
+    probe_variant = cfg.selection.linear_attention or cfg.linear_attention
     if isinstance(cfg.softmax_layers, list):
         selection = _explicit_selection(cfg.softmax_layers, n_layers)
     else:
-        engine = SelectionEngine(teacher=teacher.model, data=data, cfg=cfg.selection, distill=cfg.distill, variant=cfg.linear_attention,
+        engine = SelectionEngine(teacher=teacher.model, data=data, cfg=cfg.selection, distill=cfg.distill, variant=probe_variant,
                                  pm=pm, device=device, k=k, ckpt_dir=out / "checkpoints" / "selection", seed=cfg.seed, progress=progress)
         selection = engine.run()
     pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])
     faults.kill_point("selection-done")
     student = build_student(teacher.model, selection["softmax_layers"], cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
     final_cfg = cfg.distill
-    if engine is not None and engine.stage1_modules:  # stage 1 is layer-local: reuse the shared pass
+    shared = engine is not None and bool(engine.stage1_modules) and probe_variant == cfg.linear_attention
+    if shared:  # stage 1 is layer-local: reuse the shared pass (of the same variant)
         from hybridize.distill import linear_modules
 
         for i, module in linear_modules(student).items():
@@ -164,7 +176,8 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     faults.kill_point("save-result")
     sel_tok = selection["tokens"]
     tokens = {
-        "stage1": sel_tok["stage1"] or report["tokens"]["stage1"], "stage1_shared_with_final": bool(engine and engine.stage1_modules),
+        "stage1": sel_tok["stage1"] + report["tokens"]["stage1"], "stage1_shared_with_final": shared,
+        "stage1_selection": sel_tok["stage1"], "stage1_final": report["tokens"]["stage1"],
         "stage2": report["tokens"]["stage2"], "stage3": report["tokens"]["stage3"],
         "probes": sel_tok["probes_total"], "probe_each": sel_tok["probe_each"], "n_probes": sel_tok["n_probes"],
         "teacher_forward_tokens": sel_tok["teacher_forward"] + report["tokens"]["teacher_forward"],
@@ -172,11 +185,15 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
         "selection_cost": sel_tok["selection_cost"],
         "independent_pipeline_equivalent": sel_tok["independent_pipeline_equivalent"],
         "selection_cost_ratio": sel_tok["cost_ratio"],
+        "selection_compute": sel_tok.get("compute", 0), "selection_compute_beyond_stage1": sel_tok.get("compute_beyond_stage1", 0),
     }
     result = {
         "softmax_layers": selection["softmax_layers"], "linear_attention": cfg.linear_attention.name, "k": k,
+        "probe_linear_attention": probe_variant.name if engine is not None else None,
         "scores": selection["scores"], "raw_scores": selection["raw_scores"], "ranking": selection["ranking"],
         "stop_step": selection["stop_step"], "selection": {"components": selection["components"], "trajectory": selection["trajectory"],
+                                                         "linear_attention": selection.get("linear_attention"),
+                                                         "final_linear_attention": {"name": cfg.linear_attention.name, **cfg.linear_attention.params},
                                                          "probe_status": selection.get("probe_status", {}), "failed_layers": selection.get("failed_layers", [])},
         "tokens": tokens, "metrics": report["metrics"], "history": report["history"], "config": cfg.to_dict(),
         "plugins": pm.versions(), "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -184,6 +201,8 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     _evaluate(cfg, pm, result, student, teacher, data, device, progress)
     write_json(out / "result.json", result)
     name = f"{Path(cfg.teacher).name}: {selection['components']['selector']}, K={k}"
+    if engine is not None and probe_variant != cfg.linear_attention:
+        name += f", {probe_variant.name} probes -> {cfg.linear_attention.name} hybrid"
     plot_scores(selection, out / "scores.png", name, _raw_label(selection))
     stop = cfg.selection.stop.params
     plot_jaccard(selection, out / "jaccard.png", name, windows=int(stop.get("windows", 10)), threshold=stop.get("threshold", 0.9 if cfg.selection.stop.name == "rolling-jaccard" else None))

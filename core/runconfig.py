@@ -29,7 +29,9 @@ class RunConfig:
     Args:
         teacher: local directory or hub id of the teacher.
         data: the data section (:class:`~hybridize.data.DataConfig`).
-        linear_attention: the variant and its params, e.g. ``{name: gdn, use_short_conv: true}``.
+        linear_attention: the variant of the final hybrid and its params, e.g. ``{name: gdn, use_short_conv: true}``;
+            also the probes' variant unless ``selection.linear_attention`` names another (e.g. GDN probes
+            choosing the layers of a GLA hybrid).
         softmax_layers: K (int), a ratio in (0, 1), or an explicit list of layer indices.
         selection: how layers are selected when ``softmax_layers`` is K or a ratio
             (:class:`~hybridize.select.SelectionConfig`).
@@ -54,7 +56,8 @@ class RunConfig:
         out = config_to_dict(self)
         out["linear_attention"] = _ref(self.linear_attention)
         sel = self.selection
-        out["selection"].update(selector=_ref(sel.selector), scorer=sel.scorer and _ref(sel.scorer), stop=_ref(sel.stop))
+        out["selection"].update(selector=_ref(sel.selector), scorer=sel.scorer and _ref(sel.scorer), stop=_ref(sel.stop),
+                                linear_attention=sel.linear_attention and _ref(sel.linear_attention))
         out["evaluators"] = [_ref(r) for r in self.evaluators]
         return out
 
@@ -174,18 +177,25 @@ def _evaluators(value: Any, pm: Any, problems: list[str]) -> list[ComponentRef]:
 
 
 def _check_selection(sel: SelectionConfig, pm: Any, problems: list[str]) -> None:
-    """Every named selection component must exist and accept its params."""
+    """Every named selection component (and the probe variant) must exist and accept its params."""
+    from hybridize.selection import build_selector_configs
+
     if pm is None:
         from hybridize.plugins_manager import get_plugin_manager
 
         pm = get_plugin_manager()
-    for kind, ref in (("selector", sel.selector), ("scorer", sel.scorer), ("stop_criterion", sel.stop)):
+    for kind, ref in (("selector", sel.selector), ("scorer", sel.scorer), ("stop_criterion", sel.stop), ("linear_attention", sel.linear_attention)):
         if ref is None:
             continue
         try:
-            pm.registry(kind)[ref.name].build_config(ref.params)
+            entry = pm.registry(kind)[ref.name]
+            if kind == "selector":  # its own params plus the distance options every selector takes
+                build_selector_configs(entry, ref.params)
+            else:
+                entry.build_config(ref.params)
         except ConfigError as exc:
-            problems += exc.problems
+            where = "selection field 'linear_attention' (the probes' variant): " if kind == "linear_attention" else ""
+            problems += [where + p for p in exc.problems]
 
 
 def _variant(value: Any, pm: Any, problems: list[str]) -> ComponentRef | None:

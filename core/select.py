@@ -27,7 +27,7 @@ from hybridize.distill import DistillConfig, Distiller, alignment_losses, linear
 from hybridize import faults
 from hybridize.errors import ConfigError, HybridizeError
 from hybridize.losses import chunked_kl
-from hybridize.selection import Probe, ScoreContext, jaccard, rank, resolve_budget
+from hybridize.selection import ChoiceConfig, Probe, ScoreContext, build_selector_configs, choose, jaccard, rank, resolve_budget
 from hybridize.teacher import decoder_layers
 from hybridize.train import atomic_torch_save, autocast_for, cosine_lambda, load_checkpoint, param_groups, rng_state, set_rng_state
 
@@ -39,8 +39,14 @@ class SelectionConfig:
     """How layers are selected.
 
     Args:
-        selector: the selector and its params, e.g. ``{name: kl-greedy-add}``.
+        selector: the selector and its params, e.g. ``{name: kl-greedy-add}``. Every selector also takes
+            the distance options of :class:`~hybridize.selection.ChoiceConfig` (``min_gap``,
+            ``gap_penalty``, ``gap_radius``), e.g. ``{name: kl-greedy-add, min_gap: 2}``.
         scorer: the scorer (None = the selector's default: kl for probes, mse for stage 1).
+        linear_attention: the linear-attention variant of the probes and of the shared stage 1 that
+            scores layers, e.g. ``{name: gdn}`` (None = the run's ``linear_attention``, the final
+            hybrid's variant). When it differs from the final variant, the final hybrid runs its own
+            stage 1 instead of reusing the selection's.
         stop: the stop criterion, e.g. ``{name: rolling-jaccard, windows: 10, threshold: 0.9}``.
         probe_tokens: stage-2 tokens per probe (upper bound; the stop criterion may end earlier).
         eval_every: probe steps per evaluation window (0 = about 20 windows).
@@ -54,6 +60,7 @@ class SelectionConfig:
     selector: ComponentRef = attrs.field(default=ComponentRef(name="kl-greedy-add"), converter=lambda v: ComponentRef.parse(v, where="selection field 'selector'"))
     scorer: ComponentRef | None = attrs.field(default=None, converter=lambda v: None if v is None else ComponentRef.parse(v, where="selection field 'scorer'"))
     stop: ComponentRef = attrs.field(default=ComponentRef(name="rolling-jaccard"), converter=lambda v: ComponentRef.parse(v, where="selection field 'stop'"))
+    linear_attention: ComponentRef | None = attrs.field(default=None, converter=lambda v: None if v is None else ComponentRef.parse(v, where="selection field 'linear_attention'"))
     probe_tokens: int = attrs.field(default=200_000, validator=gt0)
     eval_every: int = attrs.field(default=0, validator=ge0)
     probe_lr_attn: float = attrs.field(default=0.0, validator=ge0)
@@ -68,23 +75,25 @@ class ProbeDivergedWarning(UserWarning):
 
 @attrs.define
 class Components:
-    """The selector, scorer and stop criterion of one selection, built from the registry."""
+    """The selector, scorer, stop criterion and distance options of one selection, built from the registry."""
 
     selector: Any
     scorer: Any
     stop: Any
-    names: dict[str, str]
+    names: dict[str, Any]
+    choice: ChoiceConfig = ChoiceConfig()
 
     @classmethod
     def build(cls, cfg: SelectionConfig, pm: Any, *, seed: int, k: int) -> Components:
         sel_entry = pm.registry("selector")[cfg.selector.name]
-        selector = sel_entry.factory(sel_entry.build_config(cfg.selector.params), seed=seed)
+        sel_config, choice = build_selector_configs(sel_entry, cfg.selector.params)
+        selector = sel_entry.factory(sel_config, seed=seed)
         scorer_ref = cfg.scorer or (ComponentRef(name=selector.default_scorer) if selector.default_scorer else None)
         scorer = None
         if scorer_ref is not None and selector.needs != "none":
             entry = pm.registry("scorer")[scorer_ref.name]
             scorer = entry.factory(entry.build_config(scorer_ref.params))
-            want = {"probes": "probe", "stage1": "stage1"}[selector.needs]
+            want = {"probes": "probe", "stage1": "stage1", "teacher": "teacher"}[selector.needs]
             if scorer.requires != want:
                 raise ConfigError(
                     f"selection field 'scorer' must be a scorer of {want} results for selector {cfg.selector.name!r}; "
@@ -93,7 +102,9 @@ class Components:
         stop_entry = pm.registry("stop_criterion")[cfg.stop.name]
         stop = stop_entry.factory(stop_entry.build_config(cfg.stop.params), k=k)
         names = {"selector": cfg.selector.name, "scorer": scorer_ref.name if scorer else None, "stop": cfg.stop.name}
-        return cls(selector, scorer, stop, names)
+        if choice.active:
+            names["choice"] = choice.to_dict()
+        return cls(selector, scorer, stop, names, choice)
 
 
 @attrs.define
@@ -147,6 +158,7 @@ class SelectionEngine:
     def __attrs_post_init__(self) -> None:
         self.n_layers = len(decoder_layers(self.teacher))
         self.parts = Components.build(self.cfg, self.pm, seed=self.seed, k=self.k)
+        self.parts.choice.check(self.n_layers, self.k, self.cfg.selector.name)
         self.distiller = Distiller(teacher=self.teacher, data=self.data, cfg=self.distill, device=self.device,
                                    ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress)
         self.stage1_modules: dict[int, nn.Module] = {}
@@ -154,7 +166,7 @@ class SelectionEngine:
         self._stage1_teacher_tokens = 0
         self.trajectory: list[dict[str, Any]] = []
         self.stop_step: int | None = None
-        self.tokens = {"stage1": 0, "probe_each": 0, "probes_total": 0, "teacher_forward": 0}
+        self.tokens = {"stage1": 0, "probe_each": 0, "probes_total": 0, "teacher_forward": 0, "teacher_backward": 0, "eval_forward": 0}
         self.probe_status: dict[int, dict[str, Any]] = {}  # layer -> retried / failed record
         self._memory_ckpt: dict[str, Any] | None = None  # the last probe checkpoint when ckpt_dir is None
 
@@ -197,7 +209,26 @@ class SelectionEngine:
             with autocast_for(self.device):
                 for i, v in alignment_losses(self.teacher, self.stage1_modules, b.to(self.device)).items():
                     sums[i] += float(v) / len(batches)
+            self.tokens["teacher_forward"] += b.numel()
         return sums
+
+    def _heldout_kl(self, model: nn.Module) -> float:
+        """Held-out KL(teacher || model) on the shared blocks; counts the model's forward tokens."""
+        evaluator = self.distiller.evaluator
+        self.tokens["eval_forward"] += sum(b.numel() for b in evaluator.batches)
+        return evaluator(model)["heldout_kl"]
+
+    def _spend(self, kind: str, tokens: int) -> None:
+        if kind not in ("teacher_forward", "teacher_backward", "eval_forward"):
+            raise HybridizeError(f"scorer {self.parts.names['scorer']!r} spent tokens of unknown kind {kind!r}; "
+                                 "expected 'teacher_forward', 'teacher_backward' or 'eval_forward'")
+        self.tokens[kind] += int(tokens)
+
+    def _context(self) -> ScoreContext:
+        """What a stage-1 or teacher-only scorer may use: the teacher, the stage-1 modules, the held-out batches."""
+        return ScoreContext(layers=list(range(self.n_layers)), heldout_kl=self._heldout_kl, stage1_residuals=self.stage1_residuals,
+                            teacher=self.teacher, stage1_modules=self.stage1_modules or None, heldout=self.distiller.evaluator.batches,
+                            device=self.device, spend=self._spend)
 
     # -- probes -------------------------------------------------------------------------------------
     def _probe_model(self, probe: Probe) -> nn.Module:
@@ -270,8 +301,7 @@ class SelectionEngine:
     def _score_window(self, runs: list[ProbeRun], raw: dict[int, float] | None = None) -> dict[int, float]:
         if raw is None:
             probes = {r.probe.layer: r.model for r in runs}
-            ctx = ScoreContext(layers=sorted(probes), probes=probes,
-                               heldout_kl=lambda m: self.distiller.evaluator(m)["heldout_kl"])
+            ctx = ScoreContext(layers=sorted(probes), probes=probes, heldout_kl=self._heldout_kl)
             raw = self.parts.scorer(ctx)
         return raw
 
@@ -350,8 +380,7 @@ class SelectionEngine:
 
     def _record_window(self, step: int, tokens: int, raw: dict[int, float]) -> bool:
         importance = self._importance(raw)
-        order = rank(importance)
-        top = sorted(order[: self.k])
+        top = choose(importance, self.k, self.parts.choice)
         prev = self.trajectory[-1]["top_k"] if self.trajectory else None
         self.trajectory.append({"step": step, "tokens_per_probe": tokens, "raw": {int(l): float(v) for l, v in raw.items()},
                                 "importance": {int(l): float(v) for l, v in importance.items()}, "top_k": top,
@@ -393,7 +422,8 @@ class SelectionEngine:
         sampler.load_state_dict(state["sampler"])
         self.parts.stop.load_state_dict(state["stop"])
         set_rng_state(state["rng"])
-        self.trajectory, self.tokens, self.stop_step = state["trajectory"], state["tokens"], state["stop_step"]
+        self.trajectory, self.stop_step = state["trajectory"], state["stop_step"]
+        self.tokens = {**self.tokens, **state["tokens"]}
         self.probe_status = {int(l): rec for l, rec in state.get("probe_status", {}).items()}
         return state["step"], state["done"]
 
@@ -449,18 +479,16 @@ class SelectionEngine:
         needs = self.parts.selector.needs
         self.n_probes = 0
         torch.manual_seed(self.seed)  # the all-linear student's fresh parameters (gates, output gate, ...)
-        if needs == "probes" or (needs == "stage1" and self.distill.stage1_tokens):
-            self.distiller.evaluator.prepare()  # used either way; a resumed run that skips stage 1 counts it too
         if needs in ("probes", "stage1"):
+            self.distiller.evaluator.prepare()  # the reference of heldout_kl, before any scorer modifies the teacher
             if self.stage1_from is not None:
                 self.adopt_stage1(*self.stage1_from)
             else:
                 self.shared_stage1()
         if needs == "probes":
             raw = self.run_probes()
-        elif needs == "stage1":
-            ctx = ScoreContext(layers=list(range(self.n_layers)), stage1_residuals=self.stage1_residuals)
-            raw = self.parts.scorer(ctx)
+        elif needs in ("stage1", "teacher"):
+            raw = self.parts.scorer(self._context())
             self._record_window(0, 0, raw)
         else:
             raw = {}
@@ -471,6 +499,7 @@ class SelectionEngine:
             "softmax_layers": final["top_k"], "k": self.k, "ranking": rank(final["importance"]),
             "scores": final["importance"], "raw_scores": final["raw"], "trajectory": self.trajectory,
             "stop_step": self.stop_step, "components": self.parts.names, "tokens": self._token_report(),
+            "linear_attention": {"name": self.variant.name, **self.variant.params},
             "probe_status": {int(l): rec for l, rec in sorted(self.probe_status.items())}, "failed_layers": sorted(self._failed()),
         }
 
@@ -485,4 +514,8 @@ class SelectionEngine:
         indep = n * (2 * s1 + each + heldout) if n else ours
         t.update(n_probes=n, selection_cost=ours, independent_pipeline_equivalent=indep,
                  cost_ratio=round(ours / indep, 4) if indep else 1.0)
+        # every token of every forward pass, teacher or student (training passes also run a backward):
+        # the cost that compares probe selectors with teacher-only proxies
+        t["compute"] = t["teacher_forward"] + s1 + t["probes_total"] + t["eval_forward"]
+        t["compute_beyond_stage1"] = t["compute"] - s1 - self._stage1_teacher_tokens
         return t

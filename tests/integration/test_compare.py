@@ -118,3 +118,99 @@ def test_compare_unknown_selector_did_you_mean(setup):
     tree = config(root, teacher, selectors=["kl-greedy-ad"])
     with pytest.raises(ConfigError, match="kl-greedy-add"):
         compare_config_from_dict(tree)
+
+
+# -- probe variants x final variants, proxies, rank correlation ----------------------------------------
+@pytest.fixture(scope="module")
+def crossed(setup, tmp_path_factory):
+    root, teacher = setup
+    tree = config(root, teacher, selectors=["kl-greedy-add", {"name": "grad-sensitivity", "min_gap": 2}, "swap-kl"],
+                  softmax_layers=[2], seeds=[0], probe_variants=["gdn", "gla"], final_variants=["gdn", "gla"])
+    cfg_path = root / "crossed.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    out = tmp_path_factory.mktemp("out") / "crossed"
+    assert main(["compare", str(cfg_path), "--out", str(out), "--quiet"]) == 0
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_compare_crosses_probe_and_final_variants(crossed):
+    out, result = crossed
+    rows = result["rows"]
+    assert len(rows) == 3 * 2 * 2
+    assert {(r["probe_variant"], r["final_variant"]) for r in rows} == {("gdn", "gdn"), ("gdn", "gla"), ("gla", "gdn"), ("gla", "gla")}
+    assert {r["selector"] for r in rows} == {"kl-greedy-add", "grad-sensitivity(min_gap=2)", "swap-kl"}
+    by_selection = {}
+    for r in rows:  # one selection serves every final variant
+        by_selection.setdefault((r["selector"], r["probe_variant"]), set()).add(tuple(r["softmax_layers"]))
+    assert all(len(v) == 1 for v in by_selection.values())
+    by_final = {}
+    for r in rows:  # one final hybrid per (final variant, layers), whatever selected it
+        by_final.setdefault((r["final_variant"], tuple(r["softmax_layers"])), set()).add(r["metrics"]["heldout_kl"])
+    assert all(len(v) == 1 for v in by_final.values())
+    assert result["tokens"]["spent"]["final_hybrids"] == len(by_final)
+    for r in rows:
+        if r["selector"].startswith("grad-sensitivity"):
+            assert abs(r["softmax_layers"][1] - r["softmax_layers"][0]) >= 2
+    md = (out / "compare.md").read_text()
+    assert "probes -> hybrid" in md and "gdn -> gla" in md and "gla -> gdn" in md
+
+
+def test_compare_reports_the_overlap_of_probe_variants(crossed):
+    _, result = crossed
+    overlap = {o["selector"]: o for o in result["overlap"]}
+    assert set(overlap) == {"kl-greedy-add", "grad-sensitivity(min_gap=2)", "swap-kl"}
+    for o in overlap.values():
+        assert o["probe_variants"] == ["gdn", "gla"]
+        assert 0.0 <= o["jaccard_top_k"] <= 1.0 and 0.0 <= o["jaccard_trajectory"] <= 1.0
+        a, b = (set(t) for t in o["top_k"])
+        assert o["jaccard_top_k"] == pytest.approx(len(a & b) / len(a | b))
+    # a teacher-only proxy does not depend on the probe variant: identical scores and selections
+    g = overlap["grad-sensitivity(min_gap=2)"]
+    assert g["jaccard_top_k"] == g["jaccard_trajectory"] == 1.0 and g["spearman"] == pytest.approx(1.0)
+    ga = overlap["kl-greedy-add"]
+    assert len(next(r for r in result["rows"] if r["selector"] == "kl-greedy-add")["trajectory_top_k"]) >= 2
+    assert "Probe variants: overlap" in (crossed[0] / "compare.md").read_text()
+    assert ga["spearman"] is None or -1.0 <= ga["spearman"] <= 1.0
+
+
+def test_compare_rank_correlation_with_the_reference(crossed):
+    out, result = crossed
+    corr = result["rank_correlation"]
+    assert corr["reference"] == "kl-greedy-add"
+    assert {(s["selector"], s["probe_variant"]) for s in corr["summary"]} == {
+        (s, p) for s in ("grad-sensitivity(min_gap=2)", "swap-kl") for p in ("gdn", "gla")}
+    rows = {(r["selector"], r["probe_variant"]): r for r in result["rows"]}
+    from hybridize.selection import spearman
+
+    for p in corr["pairs"]:
+        row, ref = rows[(p["selector"], p["probe_variant"])], rows[("kl-greedy-add", p["probe_variant"])]
+        want = spearman({int(k): v for k, v in row["scores"].items()}, {int(k): v for k, v in ref["scores"].items()})
+        assert p["spearman"] == pytest.approx(want)
+        assert p["compute_fraction"] == pytest.approx(row["tokens"]["compute"] / ref["tokens"]["compute"], abs=1e-4)
+        assert p["compute_beyond_stage1_fraction"] < 1.0  # a proxy costs less than the probes
+    md = (out / "compare.md").read_text()
+    assert "Against the reference `kl-greedy-add`" in md and "Closing note: Spearman rank correlation" in md
+    assert "swap-kl" in md.split("Closing note")[1] and "grad-sensitivity(min_gap=2)" in md.split("Closing note")[1]
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"probe_variants": ["gdm"]}, "compare field 'probe_variants': Unknown linear attention 'gdm'. Did you mean: gdn"),
+    ({"final_variants": []}, "compare field 'final_variants' must be a non-empty list"),
+    ({"final_variants": ["gla", {"name": "gla"}]}, "compare field 'final_variants' must not repeat a variant"),
+    ({"selectors": ["uniform", {"name": "uniform"}]}, "compare field 'selectors' must not repeat a selector"),
+    ({"selectors": [{"name": "swap-kl", "min_gap": 0}]}, "selector 'swap-kl' field 'min_gap' must be >= 1; got 0"),
+])
+def test_compare_variant_and_distance_errors(setup, section, message):
+    root, teacher = setup
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compare_config_from_dict(config(root, teacher, **section))
+
+
+def test_compare_refuses_an_impossible_gap_before_any_work(setup, tmp_path):
+    from hybridize.compare import compare
+
+    root, teacher = setup
+    base, ccfg = compare_config_from_dict(config(root, teacher, selectors=[{"name": "uniform", "min_gap": 2}], softmax_layers=[3]))
+    with pytest.raises(ConfigError, match="selector 'uniform' field 'min_gap' must leave room for K=3 softmax layers among 4"):
+        compare(base, ccfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "checkpoints").exists()

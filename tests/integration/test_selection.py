@@ -11,6 +11,7 @@ from hybridize.cli import main
 from hybridize.config import ComponentRef
 from hybridize.data import DataConfig, prepare_data
 from hybridize.distill import DistillConfig
+from hybridize.errors import ConfigError
 from hybridize.plugins_manager import get_plugin_manager
 from hybridize.select import SelectionConfig, SelectionEngine
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
@@ -127,3 +128,133 @@ def test_probe_groups_give_the_same_scores(data):
     grouped = e.run()
     assert grouped["trajectory"] == together["trajectory"]
     assert grouped["tokens"]["teacher_forward"] == together["tokens"]["teacher_forward"]
+
+
+# -- probe variant != final variant ------------------------------------------------------------------
+def test_gdn_probes_choose_the_layers_of_a_gla_hybrid(tmp_path, corpus, capsys):
+    teacher = save_tiny_teacher(tmp_path / "teacher", n_layer=4)
+    cfg = {"teacher": str(teacher), "data": {"train": str(corpus), "seq_len": 32}, "linear_attention": {"name": "gla"},
+           "softmax_layers": 1, "selection": {"selector": "kl-greedy-add", "linear_attention": {"name": "gdn"},
+                                              "stop": "fixed-budget", "probe_tokens": 512, "eval_every": 1},
+           "distill": {"stage1_tokens": 512, "stage2_tokens": 256, "batch_size": 8, "eval_blocks": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "run.yaml"), "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert (result["linear_attention"], result["probe_linear_attention"]) == ("gla", "gdn")
+    assert result["selection"]["linear_attention"] == {"name": "gdn"}
+    assert result["selection"]["final_linear_attention"] == {"name": "gla"}
+    assert result["config"]["selection"]["linear_attention"] == {"name": "gdn"}
+    t = result["tokens"]  # a GDN stage 1 cannot seed GLA layers: the final hybrid ran its own
+    assert not t["stage1_shared_with_final"] and t["stage1_selection"] >= 512 and t["stage1_final"] >= 512
+    assert t["stage1"] == t["stage1_selection"] + t["stage1_final"]
+    saved = json.loads((out / "model" / "config.json").read_text())["hybridize"]
+    assert saved["variant"] == "gla" and saved["softmax_layers"] == result["softmax_layers"]
+
+
+def test_probe_variant_defaults_to_the_final_variant_and_is_validated(corpus):
+    from hybridize.runconfig import run_config_from_dict
+
+    tree = {"teacher": "t", "data": {"train": str(corpus)}, "linear_attention": "gla"}
+    assert run_config_from_dict(tree).selection.linear_attention is None
+    tree["selection"] = {"linear_attention": {"name": "gdm"}}
+    with pytest.raises(ConfigError, match=r"selection field 'linear_attention' \(the probes' variant\): Unknown linear attention 'gdm'. Did you mean: gdn"):
+        run_config_from_dict(tree)
+
+
+# -- distance regularisation in the engine ------------------------------------------------------------
+def test_min_gap_in_the_engine(data):
+    plain = engine(one_layer_teacher(1), data, "grad-sensitivity", k=2).run()
+    spaced = engine(one_layer_teacher(1), data, {"name": "grad-sensitivity", "min_gap": 2}, k=2).run()
+    # layer 1 first; layers 0, 2, 3 score 0 and tie (lower index first): plain adds 0, min_gap 2 skips 0 and 2
+    assert plain["softmax_layers"] == [0, 1] and spaced["softmax_layers"] == [1, 3]
+    assert plain["scores"] == spaced["scores"] and plain["trajectory"][-1]["top_k"] == [0, 1]
+    assert spaced["components"]["choice"] == {"min_gap": 2} and "choice" not in plain["components"]
+    with pytest.raises(ConfigError, match="field 'min_gap' must leave room for K=3 softmax layers among 4"):
+        engine(one_layer_teacher(2), data, {"name": "uniform", "min_gap": 2}, k=3)
+
+
+# -- teacher-only / stage-1 proxies --------------------------------------------------------------------
+PROXIES = [n for n in SELECTORS if "proxy" in get_plugin_manager().registry("selector")[n].capabilities]
+
+
+def heldout_tokens(data):
+    return data.heldout[: DISTILL.eval_blocks].numel()
+
+
+def test_proxies_are_registered():
+    assert set(PROXIES) >= {"swap-kl", "grad-sensitivity", "attention-entropy"}
+
+
+@pytest.mark.parametrize("selector", ["swap-kl", "grad-sensitivity"])
+def test_proxy_finds_the_informative_layer(data, selector):
+    a = engine(one_layer_teacher(2), data, selector).run()
+    b = engine(one_layer_teacher(2), data, selector).run()
+    assert a["ranking"][0] == 2 and a["softmax_layers"] == [2], a["raw_scores"]
+    assert a["raw_scores"] == b["raw_scores"]  # deterministic
+    assert all(a["raw_scores"][l] == 0.0 for l in (0, 1, 3))  # attention that never reaches the residual: no KL, no gradient
+
+
+def sharp_teacher(sharp: int = 1, n_layer: int = 4) -> torch.nn.Module:
+    """A teacher whose layer ``sharp`` attends almost one-hot (large query scale) while the others stay diffuse."""
+    teacher = tiny_model("llama", n_layer=n_layer, seed=1)
+    with torch.no_grad():
+        for i, layer in enumerate(teacher.model.layers):
+            layer.self_attn.q_proj.weight.mul_(40.0 if i == sharp else 0.05)
+    return teacher
+
+
+def test_attention_entropy_ranks_the_sharpest_layer_first(data):
+    a = engine(sharp_teacher(1), data, "attention-entropy").run()
+    assert a["ranking"][0] == 1 and a["softmax_layers"] == [1], a["raw_scores"]
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in a["raw_scores"].values())
+    assert a["raw_scores"][1] < 0.5 < min(v for l, v in a["raw_scores"].items() if l != 1)
+    assert engine(sharp_teacher(1), data, "attention-entropy").run()["raw_scores"] == a["raw_scores"]
+
+
+def test_attention_entropy_of_uniform_attention_is_one(data):
+    teacher = tiny_model("llama", n_layer=3, seed=1)
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            layer.self_attn.q_proj.weight.zero_()  # every score 0: uniform over the visible keys
+    raw = engine(teacher, data, "attention-entropy").run()["raw_scores"]
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in raw.values())
+
+
+def test_grad_sensitivity_equals_per_position_loss_derivatives(data):
+    """raw(l) = sum_t |dCE/d alpha_t| with a_l(t) scaled by alpha_t: an independent way to the same number."""
+    from hybridize.losses import chunked_ce
+
+    teacher = tiny_model("llama", n_layer=3, seed=2)
+    raw = engine(teacher, data, "grad-sensitivity").run()["raw_scores"]
+    batches = data.heldout[: DISTILL.eval_blocks].split(DISTILL.batch_size)
+    for layer in range(3):
+        total = 0.0
+        for ids in batches:
+            alpha = torch.ones(*ids.shape, 1, requires_grad=True)
+            hook = teacher.model.layers[layer].self_attn.register_forward_hook(lambda m, a, o: (o[0] * alpha, *o[1:]))
+            try:
+                h = teacher.model(input_ids=ids).last_hidden_state
+            finally:
+                hook.remove()
+            labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+            (g,) = torch.autograd.grad(chunked_ce(h, labels, teacher.lm_head), alpha)
+            total += float(g.abs().sum()) / len(batches)
+        assert raw[layer] == pytest.approx(total, rel=1e-4)
+
+
+def test_proxy_token_costs_are_counted_and_small(data):
+    n = heldout_tokens(data)
+    grad = engine(one_layer_teacher(2), data, "grad-sensitivity").run()["tokens"]
+    assert (grad["teacher_forward"], grad["teacher_backward"], grad["stage1"], grad["n_probes"]) == (n, n, 0, 0)
+    assert grad["compute"] == grad["compute_beyond_stage1"] == n
+    entropy = engine(one_layer_teacher(2), data, "attention-entropy").run()["tokens"]
+    assert (entropy["teacher_forward"], entropy["teacher_backward"], entropy["compute"]) == (n, 0, n)
+    swap = engine(one_layer_teacher(2), data, "swap-kl").run()["tokens"]
+    assert swap["eval_forward"] == 4 * n  # one forward per swapped layer
+    assert swap["compute_beyond_stage1"] == 4 * n + n  # and the teacher's reference pass
+    assert swap["stage1"] == DISTILL.stage1_tokens
+    ga = engine(one_layer_teacher(2), data, "kl-greedy-add", probe_tokens=1024).run()["tokens"]
+    assert ga["eval_forward"] >= 4 * n * 4  # every probe, every window
+    for t in (grad, entropy, swap):
+        assert t["compute_beyond_stage1"] < 0.2 * ga["compute_beyond_stage1"]

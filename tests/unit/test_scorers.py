@@ -1,8 +1,16 @@
 """Scorers with fake score contexts: what they return, and their errors when the context lacks inputs."""
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
+import torch
 from torch import nn
+
+from hybridize.distill import HeldoutEvaluator, alignment_losses, linear_modules
+from hybridize.surgery import build_student
+from hybridize.testing.models import tiny_model
 
 from hybridize.errors import ConfigError, HybridizeError
 from hybridize.plugins_manager import get_plugin_manager
@@ -55,15 +63,43 @@ def test_builtins_registered(pm):
     assert make(pm, "scorer", "mse").requires == "stage1"
 
 
+@pytest.fixture(scope="module")
+def real_context():
+    """Every ScoreContext field, from a tiny teacher: probes, held-out KL, stage-1 modules and residuals, held-out batches."""
+    teacher = tiny_model("llama", n_layer=4, seed=0)
+    blocks = torch.randint(4, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    evaluator = HeldoutEvaluator(teacher, blocks, batch_size=2, chunk=1024, device=torch.device("cpu"))
+    evaluator.prepare()  # the unmodified teacher's reference, before any scorer hooks it
+    modules = linear_modules(build_student(teacher, [], "gdn", {}))
+    probes = {l: build_student(teacher, [l], "gdn", {}) for l in range(4)}
+    spent = Counter()
+
+    @torch.no_grad()
+    def residuals():
+        return {i: float(v) for i, v in alignment_losses(teacher, modules, blocks).items()}
+
+    def make_ctx(layers):
+        return ScoreContext(layers=layers, probes=probes, heldout_kl=lambda m: evaluator(m)["heldout_kl"], stage1_residuals=residuals,
+                            teacher=teacher, stage1_modules=modules, heldout=evaluator.batches, device=torch.device("cpu"),
+                            spend=lambda kind, n: spent.update({kind: n}))
+
+    return make_ctx, teacher, spent
+
+
 @pytest.mark.parametrize("name", SCORERS, ids=SCORERS)
-def test_scorer_contract(pm, name):
+def test_scorer_contract(pm, name, real_context):
+    make_ctx, teacher, _ = real_context
     scorer = make(pm, "scorer", name)
-    assert scorer.requires in ("probe", "stage1")
-    values = {0: 0.3, 1: 0.1, 2: 0.7, 3: 0.2}
-    ctx, _ = probe_context(values, layers=[1, 3]) if scorer.requires == "probe" else stage1_context(values, layers=[1, 3])
-    raw = scorer(ctx)
+    assert scorer.requires in ("probe", "stage1", "teacher")
+    before = {n: p.clone() for n, p in teacher.state_dict().items()}
+    raw = scorer(make_ctx([1, 3]))
     assert sorted(raw) == [1, 3]
-    assert all(isinstance(v, float) for v in raw.values())
+    assert all(isinstance(v, float) and math.isfinite(v) for v in raw.values())
+    assert scorer(make_ctx([1, 3])) == raw  # deterministic
+    after = teacher.state_dict()  # and the teacher is left as it was
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert teacher.config._attn_implementation == "sdpa"
+    assert all(not m._forward_hooks for m in teacher.modules())
 
 
 def test_kl_scores_each_requested_probe_once(pm):

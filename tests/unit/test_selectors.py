@@ -15,7 +15,7 @@ _REGISTRY = get_plugin_manager().registry("selector")
 SELECTORS = sorted(_REGISTRY)
 NESTED = [n for n in SELECTORS if "nested" in _REGISTRY[n].capabilities]
 SEEDED = [n for n in SELECTORS if "seeded" in _REGISTRY[n].capabilities]
-BUILTINS = ["kl-greedy-add", "kl-greedy-remove", "mse-greedy-add", "random", "uniform"]
+BUILTINS = ["kl-greedy-add", "kl-greedy-remove", "mse-greedy-add", "random", "uniform", "swap-kl", "grad-sensitivity", "attention-entropy"]
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
@@ -66,7 +66,7 @@ def test_builtins_registered_with_origin_hybridize(registry):
 def test_selector_contract(registry, name, table, seed):
     n, k, raw = table
     sel = make(registry, name, seed)
-    assert sel.needs in ("probes", "stage1", "none")
+    assert sel.needs in ("probes", "stage1", "teacher", "none")
     importance = sel.importance(raw_for(sel, raw), n, k)
     assert sorted(importance) == list(range(n))
     assert not any(math.isnan(v) for v in importance.values())
