@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from hybridize.errors import HybridizeError
+from hybridize.errors import HybridizeError, RemoteError
 from hybridize.registry import KINDS
 
 
@@ -76,7 +77,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from hybridize.runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.set)
+    if args.nproc is not None and args.nproc != 1:
+        return _relaunch(args, cfg)
     result = distill(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     m = result["metrics"]
     print(f"\nsoftmax layers {result['softmax_layers']}, {result['linear_attention']} elsewhere")
     for key in ("heldout_kl_after_surgery", "heldout_kl_after_stage1", "heldout_kl_after_stage2", "heldout_kl", "student_ppl", "teacher_ppl"):
@@ -93,7 +98,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hybridize.runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.set)
+    if args.nproc is not None and args.nproc != 1:
+        return _relaunch(args, cfg)
     result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     t, m = result["tokens"], result["metrics"]
     print(f"\nselected softmax layers {result['softmax_layers']} (K={result['k']}) by {result['selection']['components']['selector']}")
     print("  importance: " + ", ".join(f"{l}: {v:.4g}" for l, v in sorted(result["scores"].items(), key=lambda kv: int(kv[0]))))
@@ -102,6 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if t["n_probes"]:
         print(f"  {t['n_probes']} probes x {t['probe_each']:,} tokens; stop step {result['stop_step']}; selection cost "
               f"{t['selection_cost']:,} tokens = {t['selection_cost_ratio']:.3f}x the independent per-probe pipeline ({t['independent_pipeline_equivalent']:,})")
+    if "distributed" in result:
+        d = result["distributed"]
+        print(f"  {d['world_size']} processes ({d['backend']}): probes per rank {d['probes_per_rank']}; final distillation {d['final_distillation']}")
     for key in ("heldout_kl", "student_ppl", "teacher_ppl"):
         print(f"  {key:<12} {m[key]:.4f}")
     print(f"wrote {args.out}/result.json, scores.png, jaccard.png, distill.png and the hybrid in {args.out}/model ({result['wall_seconds']} s)")
@@ -195,6 +207,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relaunch(args: argparse.Namespace, cfg: Any) -> int:
+    """``--nproc N``: check what can be checked here, then run the same command on N processes through torchrun."""
+    from hybridize import distributed
+    from hybridize.outputs import check_out_dir
+
+    distributed.check_nproc(args.nproc, cfg.device)
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    return distributed.launch(distributed.strip_nproc(args.argv), args.nproc)
+
+
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N processes through torchrun (one per GPU; CPU processes on gloo with device cpu): "
+                        "the probes fan out over them and the distillation runs data parallel")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. distill.stage2_tokens=1e6")
@@ -218,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
     p = sub.add_parser("run", help="select the softmax layers, then distil and save the hybrid")
     _add_run_args(p)
+    _add_nproc(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("distill", help="distil a hybrid with an explicit list of softmax layers")
     _add_run_args(p)
+    _add_nproc(p)
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("compare", help="compare selectors head to head (a run config with a compare section)")
     _add_run_args(p)
@@ -255,11 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hybridize`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("run", "distill"):
+            raise HybridizeError(f"hybridize {args.command} runs on one process; only `run` and `distill` run on several "
+                                 "(torchrun or --nproc N)")
         return args.func(args)
+    except RemoteError:  # rank 0 failed and printed why
+        return 2
     except HybridizeError as exc:
-        print(f"hybridize: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        where = f" (rank {rank})" if rank != "0" else ""
+        print(f"hybridize: error{where}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -40,6 +40,10 @@ class DistillConfig:
         eval_blocks: held-out blocks used by the periodic evaluation.
         checkpoint_every: steps between checkpoints (0 = only at the end of a stage).
         kl_chunk_tokens: tokens per chunk of the KL / CE (bounds the fp32 logits in memory).
+        parallel: with several processes (torchrun, ``--nproc``): ``ddp`` replicates student and
+            teacher on every rank; ``fsdp`` shards both with FSDP2 (``fully_shard``) in stages 2 and 3;
+            ``auto`` takes FSDP on GPUs where a DDP replica of stage 2 would need over 70% of the memory.
+            One process ignores it.
     """
 
     stage1_tokens: int = attrs.field(default=1_000_000, validator=ge0)
@@ -62,6 +66,7 @@ class DistillConfig:
     eval_blocks: int = attrs.field(default=32, validator=gt0)
     checkpoint_every: int = attrs.field(default=100, validator=ge0)
     kl_chunk_tokens: int = attrs.field(default=1024, validator=gt0)
+    parallel: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "ddp", "fsdp")))
 
     def __attrs_post_init__(self) -> None:
         micro = self.micro_batch_size or self.batch_size
@@ -219,6 +224,8 @@ class Distiller:
         ckpt_dir: directory for per-stage checkpoints (None: no checkpoints, no resume).
         seed: data order and initialisation seed.
         on_step: observer called with (stage, step, tokens, metrics) after every step.
+        dist: this process's place in a multi-process job (:class:`hybridize.distributed.Dist`):
+            the stages run data parallel (DDP, or FSDP2 for stages 2-3, see ``DistillConfig.parallel``).
     """
 
     teacher: nn.Module
@@ -232,6 +239,9 @@ class Distiller:
     tokens: dict[str, int] = attrs.field(factory=lambda: {"stage1": 0, "stage2": 0, "stage3": 0, "teacher_forward": 0})
     history: dict[str, list] = attrs.field(factory=dict)
     evaluator: HeldoutEvaluator | None = None
+    dist: Any = None
+    parallel_used: str = "none"  # ddp / fsdp once a stage ran on several ranks
+    _shards: Any = None
 
     def __attrs_post_init__(self) -> None:
         self.evaluator = HeldoutEvaluator(
@@ -244,7 +254,8 @@ class Distiller:
         ckpt = self.ckpt_dir / f"{name}.pt" if self.ckpt_dir else None
         hook = (lambda s, t, m: self.on_step(name, s, t, m)) if self.on_step else None
         loop = Loop(name=name, model=model, param_groups=groups, loss_fn=loss_fn, blocks=blocks, cfg=cfg,
-                    device=self.device, ckpt_path=ckpt, evaluate=evaluate, on_step=hook, progress=self.progress)
+                    device=self.device, ckpt_path=ckpt, evaluate=evaluate, on_step=hook, progress=self.progress,
+                    dist=self.dist, root=self._shards.root if self._shards is not None else None)
         loop.try_resume()
         return loop
 
@@ -263,12 +274,42 @@ class Distiller:
             return torch.stack(list(alignment_losses(self.teacher, modules, ids).values())).mean()
 
         loop = self._loop("stage1", student, [{"params": params}], self.cfg.stage1_lr, loss_fn, blocks,
-                          self.cfg.stage1_tokens, lambda: self.evaluator(student))
+                          self.cfg.stage1_tokens, lambda: self._eval(student))
         hist = loop.run()
         student.requires_grad_(True)
         self.tokens["stage1"] = loop.tokens
         self.tokens["teacher_forward"] += loop.tokens
         return hist
+
+    def _eval(self, student: nn.Module) -> dict[str, float]:
+        """Held-out metrics; an FSDP-sharded student is evaluated inside its root's forward (gathered root weights)."""
+        if self._shards is None:
+            return self.evaluator(student)
+        with torch.no_grad():
+            return self._shards.root(self.evaluator, student)
+
+    def _shard(self, student: nn.Module) -> nn.Module:
+        """With several ranks, pick DDP or FSDP for stages 2-3; for FSDP return the sharded student (teacher sharded too)."""
+        from hybridize.distributed import FSDPShards, choose_parallel
+
+        par = self.dist
+        if par is None or not par.active or not (self.cfg.stage2_tokens or self.cfg.stage3_tokens):
+            return student
+        self.parallel_used = choose_parallel(self.cfg.parallel, student, self.teacher, par)
+        if self.parallel_used != "fsdp":
+            return student
+        self._shards = FSDPShards.build(student, self.teacher, par)
+        self.teacher = self.evaluator.teacher = self._shards.sharded_teacher
+        return self._shards.sharded_student
+
+    def _unshard(self) -> nn.Module | None:
+        """After FSDP: the trained weights back in the original (whole) student; the teacher back in place."""
+        if self._shards is None:
+            return None
+        student = self._shards.finish(self.dist)
+        self.teacher = self.evaluator.teacher = self._shards.teacher
+        self._shards = None
+        return student
 
     def stage2(self, student: nn.Module) -> list[dict]:
         """Distil the whole student to the teacher's next-token distribution."""
@@ -279,7 +320,7 @@ class Distiller:
         keep = [(g, lr) for g, lr in zip(groups, [self.cfg.stage2_lr_attn, self.cfg.stage2_lr_other]) if g["params"]]
         loss_fn = lambda ids: stage2_loss(self.teacher, student, ids, self.cfg.temperature, self.cfg.kl_chunk_tokens)  # noqa: E731
         loop = self._loop("stage2", student, [g for g, _ in keep], [lr for _, lr in keep], loss_fn, self.data.train,
-                          self.cfg.stage2_tokens, lambda: self.evaluator(student))
+                          self.cfg.stage2_tokens, lambda: self._eval(student))
         hist = loop.run()
         self.tokens["stage2"] = loop.tokens
         self.tokens["teacher_forward"] += loop.tokens
@@ -292,20 +333,28 @@ class Distiller:
         student.requires_grad_(True)
         loss_fn = lambda ids: stage3_loss(student, ids, self.cfg.kl_chunk_tokens)  # noqa: E731
         loop = self._loop("stage3", student, [{"params": [p for p in student.parameters()]}], self.cfg.stage3_lr,
-                          loss_fn, self.data.train, self.cfg.stage3_tokens, lambda: self.evaluator(student))
+                          loss_fn, self.data.train, self.cfg.stage3_tokens, lambda: self._eval(student))
         hist = loop.run()
         self.tokens["stage3"] = loop.tokens
         return hist
 
     def run(self, student: nn.Module) -> dict[str, Any]:
-        """Stage 1 -> 2 -> 3 with held-out metrics after surgery and after each stage."""
+        """Stage 1 -> 2 -> 3 with held-out metrics after surgery and after each stage.
+
+        With FSDP the trained weights end up in ``student`` itself, as without it.
+        """
         student.to(self.device).train()
         metrics = {"after_surgery": self.evaluator(student)}
+        if self.dist is not None and self.dist.active and self.cfg.stage1_tokens:
+            self.parallel_used = "ddp"  # stage 1 trains attention only: always DDP
         for name in ("stage1", "stage2", "stage3"):
+            if name == "stage2":
+                student = self._shard(student)
             self.history[name] = getattr(self, name)(student)
             if self.history[name]:
                 metrics[f"after_{name}"] = self.history[name][-1]
-        final = self.evaluator(student)
+        final = self._eval(student)
+        self._unshard()  # with FSDP: the trained weights back into the student the caller passed
         self.tokens["teacher_forward"] += self.evaluator.teacher_tokens
         return {
             "tokens": dict(self.tokens),

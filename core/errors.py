@@ -9,6 +9,10 @@ class HybridizeError(Exception):
     """Base class of every error hybridize raises on purpose."""
 
 
+class RemoteError(HybridizeError):
+    """Raised on the other ranks of a torchrun job when a step that rank 0 runs alone failed there (rank 0 reports it)."""
+
+
 class ConfigError(HybridizeError, ValueError):
     """One or more configuration problems, collected into a single error.
 

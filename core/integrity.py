@@ -135,3 +135,11 @@ def verify_checkpoint(path: Path) -> None:
             f"checkpoint {str(path)!r} has no record in {str(path.parent / MANIFEST)!r}, so it cannot be trusted; {fix}"
         )
     _check(path.parent, path.name, files[path.name], "checkpoint directory", fix)
+
+
+def forget_checkpoint(path: Path) -> None:
+    """Delete a checkpoint that is no longer needed and drop its record from the directory's manifest."""
+    files = read_manifest(path.parent, what="checkpoint directory") or {}
+    if files.pop(path.name, None) is not None:
+        _write_manifest_file(path.parent, files)
+    path.unlink(missing_ok=True)

@@ -10,17 +10,23 @@ from typing import Any
 from hybridize.errors import HybridizeError
 
 
+def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> bool:
+    """Whether ``out`` holds files; refuse it unless ``resume`` or ``overwrite`` (nothing is changed)."""
+    out = Path(out)
+    full = out.exists() and any(out.iterdir())
+    if full and not (resume or overwrite):
+        raise HybridizeError(
+            f"output directory {str(out)!r} already exists and is not empty; pass --resume to continue "
+            "that run or --overwrite to start again"
+        )
+    return full
+
+
 def prepare_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
     """Create the output directory; an existing non-empty one needs ``resume`` or ``overwrite``."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
-            raise HybridizeError(
-                f"output directory {str(out)!r} already exists and is not empty; pass --resume to continue "
-                "that run or --overwrite to start again"
-            )
+    if check_out_dir(out, resume=resume, overwrite=overwrite) and overwrite:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -1,4 +1,9 @@
-"""End-to-end drivers behind the CLI: ``distill`` (explicit softmax layers)."""
+"""End-to-end drivers behind the CLI: ``run`` (select, then distil) and ``distill`` (explicit softmax layers).
+
+Both run in one process or, under torchrun (``--nproc N``), on every rank: the selection's probes
+fan out over the ranks and the distillation runs data parallel (see :mod:`hybridize.distributed`);
+rank 0 alone writes the run directory.
+"""
 from __future__ import annotations
 
 import time
@@ -7,6 +12,7 @@ from typing import Any
 
 import torch
 
+from hybridize import distributed
 from hybridize.data import prepare_data
 from hybridize.distill import Distiller
 from hybridize.errors import ConfigError
@@ -43,35 +49,76 @@ def _evaluate(cfg: RunConfig, pm: Any, result: dict[str, Any], student: Any, tea
     result["evals"] = out["evals"]
 
 
-def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def _open_run(cfg: RunConfig, out: str | Path, par: distributed.Dist, pm: Any, *, resume: bool, overwrite: bool) -> Path:
+    """Rank 0 prepares OUT (refuses, overwrites or resumes it; records the config) and fires run_start."""
+
+    def prepare() -> Path:
+        path = prepare_out_dir(out, resume=resume, overwrite=overwrite)
+        check_resume_config(path, cfg.to_dict())
+        pm.hook.hybridize_run_start(run_dir=str(path), config=cfg.to_dict())
+        return path
+
+    return par.on_main(prepare)
+
+
+def _inputs(cfg: RunConfig, par: distributed.Dist) -> tuple[Any, Any]:
+    """The teacher (on this rank's device) and the packed data; rank 0 loads first (download and data caches)."""
+    from hybridize.teacher import load_teacher
+
+    with par.main_first():
+        teacher = load_teacher(cfg.teacher, device=par.device)
+        data = prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
+    return teacher, data
+
+
+def _on_every_rank(body: Any, cfg: RunConfig, out: str | Path, *, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any] | None:
+    """Join the process group when torchrun started several processes, run ``body`` on this rank, leave the group."""
+    par = distributed.setup(cfg.device)
+    try:
+        return body(cfg, out, par, resume=resume, overwrite=overwrite, progress=progress and par.is_main)
+    finally:
+        distributed.teardown(par)
+
+
+def _dist_record(par: distributed.Dist, n_probes: int, distiller: Distiller) -> dict[str, Any]:
+    """result.json ``distributed``: how the ranks shared the work."""
+    return {"world_size": par.world, "backend": par.backend, "probes_per_rank": distributed.probes_per_rank(n_probes, par.world),
+            "final_distillation": distiller.parallel_used}
+
+
+def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """Surgery at ``cfg.softmax_layers`` (a list), stage 1 -> 2 -> 3, save the hybrid and result.json.
 
+    Under torchrun every rank calls it; the stages run data parallel.
+
     Returns:
-        The content of ``OUT/result.json``.
+        The content of ``OUT/result.json`` (None on ranks other than 0).
     """
+    return _on_every_rank(_distill, cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _distill(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any] | None:
     from hybridize.modeling import save_hybrid
     from hybridize.plugins_manager import get_plugin_manager
     from hybridize.surgery import build_student
-    from hybridize.teacher import load_teacher
 
     if not isinstance(cfg.softmax_layers, list):
         raise ConfigError(
             f"hybridize distill field 'softmax_layers' must be an explicit list of layer indices; got "
             f"{cfg.softmax_layers!r} (use `hybridize run` to select layers)"
         )
-    out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
-    check_resume_config(out, cfg.to_dict())
     pm = get_plugin_manager()
-    pm.hook.hybridize_run_start(run_dir=str(out), config=cfg.to_dict())
+    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, device=device)
-    data = prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
+    device = par.device
+    teacher, data = _inputs(cfg, par)
     student = build_student(teacher.model, cfg.softmax_layers, cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
     distiller = Distiller(teacher=teacher.model, data=data, cfg=cfg.distill, device=device, ckpt_dir=out / "checkpoints",
-                          seed=cfg.seed, progress=progress, on_step=_observe(pm))
+                          seed=cfg.seed, progress=progress, on_step=_observe(pm) if par.is_main else None, dist=par)
     report = distiller.run(student)
+    if not par.is_main:
+        return None
     save_hybrid(student.cpu(), out / "model", teacher.tokenizer)
     faults.kill_point("save-result")
     result = {
@@ -86,6 +133,7 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
         "plugins": pm.versions(),
         "device": str(device),
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        **({"distributed": _dist_record(par, 0, distiller)} if par.active else {}),
     }
     _evaluate(cfg, pm, result, student, teacher, data, device, progress)
     write_json(out / "result.json", result)
@@ -123,12 +171,19 @@ def _explicit_selection(layers: list[int], n_layers: int) -> dict[str, Any]:
                        "selection_cost": 0, "independent_pipeline_equivalent": 0, "cost_ratio": 1.0}}
 
 
-def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """Select the softmax layers, distil the chosen hybrid, save it, write result.json and the plots.
 
+    Under torchrun every rank calls it: the probes fan out over the ranks, the final distillation
+    runs data parallel, rank 0 writes the outputs.
+
     Returns:
-        The content of ``OUT/result.json``.
+        The content of ``OUT/result.json`` (None on ranks other than 0).
     """
+    return _on_every_rank(_run, cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any] | None:
     import attrs
 
     from hybridize.modeling import save_hybrid
@@ -137,28 +192,27 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     from hybridize.select import SelectionEngine
     from hybridize.selection import resolve_budget
     from hybridize.surgery import build_student
-    from hybridize.teacher import decoder_layers, load_teacher
+    from hybridize.teacher import decoder_layers
 
-    out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
-    check_resume_config(out, cfg.to_dict())
     pm = get_plugin_manager()
-    pm.hook.hybridize_run_start(run_dir=str(out), config=cfg.to_dict())
+    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, device=device)
+    device = par.device
+    teacher, data = _inputs(cfg, par)
     n_layers = len(decoder_layers(teacher.model))
     k = resolve_budget(cfg.softmax_layers, n_layers)
-    data = prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
     engine = None
     probe_variant = cfg.selection.linear_attention or cfg.linear_attention
     if isinstance(cfg.softmax_layers, list):
         selection = _explicit_selection(cfg.softmax_layers, n_layers)
     else:
         engine = SelectionEngine(teacher=teacher.model, data=data, cfg=cfg.selection, distill=cfg.distill, variant=probe_variant,
-                                 pm=pm, device=device, k=k, ckpt_dir=out / "checkpoints" / "selection", seed=cfg.seed, progress=progress)
+                                 pm=pm, device=device, k=k, ckpt_dir=out / "checkpoints" / "selection", seed=cfg.seed, progress=progress,
+                                 dist=par)
         selection = engine.run()
-    pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])
+    if par.is_main:
+        pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])
     faults.kill_point("selection-done")
     student = build_student(teacher.model, selection["softmax_layers"], cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
     final_cfg = cfg.distill
@@ -170,8 +224,10 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
             module.load_state_dict(engine.stage1_modules[i].state_dict())
         final_cfg = attrs.evolve(cfg.distill, stage1_tokens=0)
     distiller = Distiller(teacher=teacher.model, data=data, cfg=final_cfg, device=device, ckpt_dir=out / "checkpoints" / "final",
-                          seed=cfg.seed, progress=progress, on_step=_observe(pm))
+                          seed=cfg.seed, progress=progress, on_step=_observe(pm) if par.is_main else None, dist=par)
     report = distiller.run(student)
+    if not par.is_main:
+        return None
     save_hybrid(student.cpu(), out / "model", teacher.tokenizer, extra={"selection": selection["components"], "scores": selection["scores"]})
     faults.kill_point("save-result")
     sel_tok = selection["tokens"]
@@ -197,6 +253,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
                                                          "probe_status": selection.get("probe_status", {}), "failed_layers": selection.get("failed_layers", [])},
         "tokens": tokens, "metrics": report["metrics"], "history": report["history"], "config": cfg.to_dict(),
         "plugins": pm.versions(), "device": str(device), "wall_seconds": round(time.perf_counter() - t0, 1),
+        **({"distributed": _dist_record(par, sel_tok["n_probes"], distiller)} if par.active else {}),
     }
     _evaluate(cfg, pm, result, student, teacher, data, device, progress)
     write_json(out / "result.json", result)

@@ -24,12 +24,13 @@ from torch import nn
 from hybridize.config import ComponentRef
 from hybridize.data import BlockSampler, PackedData
 from hybridize.distill import DistillConfig, Distiller, alignment_losses, linear_modules
+from hybridize.distributed import SINGLE, ProbeCheckpoints, gather_window
 from hybridize import faults
 from hybridize.errors import ConfigError, HybridizeError
 from hybridize.losses import chunked_kl
 from hybridize.selection import ChoiceConfig, Probe, ScoreContext, build_selector_configs, choose, jaccard, rank, resolve_budget
 from hybridize.teacher import decoder_layers
-from hybridize.train import atomic_torch_save, autocast_for, cosine_lambda, load_checkpoint, param_groups, rng_state, set_rng_state
+from hybridize.train import autocast_for, cosine_lambda, param_groups, rng_state, set_rng_state
 
 ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
 
@@ -153,14 +154,17 @@ class SelectionEngine:
     progress: bool = True
     on_window: Any = None
     stage1_from: Any = None  # (modules, tokens) of a stage-1 pass already run on this teacher, data and seed
+    dist: Any = None  # hybridize.distributed.Dist: probes fan out over its ranks, stage 1 runs data parallel
 
 
     def __attrs_post_init__(self) -> None:
         self.n_layers = len(decoder_layers(self.teacher))
         self.parts = Components.build(self.cfg, self.pm, seed=self.seed, k=self.k)
         self.parts.choice.check(self.n_layers, self.k, self.cfg.selector.name)
+        self.par = self.dist or SINGLE
         self.distiller = Distiller(teacher=self.teacher, data=self.data, cfg=self.distill, device=self.device,
-                                   ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress)
+                                   ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress, dist=self.dist)
+        self._ckpts = ProbeCheckpoints(self.ckpt_dir, self.par) if self.ckpt_dir is not None else None
         self.stage1_modules: dict[int, nn.Module] = {}
         self.stage1_shared = False
         self._stage1_teacher_tokens = 0
@@ -181,6 +185,7 @@ class SelectionEngine:
         self.tokens["teacher_forward"] += self.distiller.tokens["teacher_forward"]
         self._stage1_teacher_tokens = self.distiller.tokens["teacher_forward"]
         self.stage1_modules = {i: m.requires_grad_(False) for i, m in linear_modules(student).items()}
+        self.par.broadcast_module_(nn.ModuleList(self.stage1_modules.values()))  # every rank's probes start equal
         return self.stage1_modules
 
     def stage1_tokens(self) -> dict[str, int]:
@@ -253,7 +258,7 @@ class SelectionEngine:
         return ProbeRun(probe, model, opt, sched)
 
     def _groups(self, runs: list[ProbeRun]) -> list[list[ProbeRun]]:
-        size = self.cfg.probe_group_size or len(runs)
+        size = self.cfg.probe_group_size or max(1, len(runs))  # a rank may have no probes (more ranks than probes)
         return [runs[i : i + size] for i in range(0, len(runs), size)]
 
     def _train_window(self, group: list[ProbeRun], batches: list[torch.Tensor], teacher_h: list[list[torch.Tensor]]) -> dict[int, bool]:
@@ -283,17 +288,19 @@ class SelectionEngine:
         return {layer: bool(ok) for layer, ok in finite.items()}
 
     @torch.no_grad()
-    def _teacher_window(self, sampler: BlockSampler, steps: int, keep_on: torch.device) -> tuple[list, list]:
-        """Draw the window's batches and run the teacher once on each micro-batch."""
+    def _teacher_window(self, sampler: BlockSampler, steps: int, keep_on: torch.device, run_teacher: bool = True) -> tuple[list, list]:
+        """Draw the window's batches and run the teacher once on each micro-batch (not on a rank without probes)."""
         micro = self.distill.micro_batch_size or self.distill.batch_size
         batches, hidden = [], []
         for _ in range(steps):
             parts = list(self.data.train[sampler.next_indices()].split(micro))
             hs = []
-            for ids in parts:
+            for ids in parts if run_teacher else []:
                 with autocast_for(self.device):
                     hs.append(self.teacher.model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state.to(keep_on))
                 self.tokens["teacher_forward"] += ids.numel()
+            if not run_teacher:  # the count stays that of one process: the same on every rank
+                self.tokens["teacher_forward"] += sum(ids.numel() for ids in parts)
             batches.append(parts)
             hidden.append(hs)
         return batches, hidden
@@ -319,7 +326,11 @@ class SelectionEngine:
 
     def _restore(self, run: ProbeRun) -> int:
         """Put a probe back to the last checkpoint (model, optimizer, schedule); returns its step."""
-        state = self._memory_ckpt if self.ckpt_dir is None else load_checkpoint(self.ckpt_dir / "probes.pt")
+        if self._ckpts is not None:
+            step, saved = self._ckpts.probe_state(run.probe.layer)
+            self._load_probe(run, saved)
+            return step
+        state = self._memory_ckpt
         self._load_probe(run, state["probes"][run.probe.layer])
         return state["step"]
 
@@ -401,7 +412,7 @@ class SelectionEngine:
         if self.ckpt_dir is None:
             self._memory_ckpt = copy.deepcopy(state)
         else:
-            atomic_torch_save(state, self.ckpt_dir / "probes.pt")
+            self._ckpts.save(state)  # this rank's probes (see hybridize.distributed.ProbeCheckpoints)
 
     @staticmethod
     def _load_probe(run: ProbeRun, saved: dict[str, Any]) -> None:
@@ -413,10 +424,9 @@ class SelectionEngine:
         run.scheduler.load_state_dict(saved["scheduler"])
 
     def _load(self, runs: list[ProbeRun], sampler: BlockSampler) -> tuple[int, bool]:
-        path = self.ckpt_dir / "probes.pt" if self.ckpt_dir else None
-        if path is None or not path.exists():
+        state = self._ckpts.load(self._plan) if self._ckpts is not None else None
+        if state is None:
             return 0, False
-        state = load_checkpoint(path)
         for r in runs:
             self._load_probe(r, state["probes"][r.probe.layer])
         sampler.load_state_dict(state["sampler"])
@@ -436,7 +446,8 @@ class SelectionEngine:
         B, T = self.distill.batch_size, self.data.seq_len
         steps = max(1, math.ceil(self.cfg.probe_tokens / (B * T)))
         window = self.cfg.eval_every or max(1, steps // 20)
-        runs = [self._probe_run(p, steps) for p in probes]
+        self._plan = [p.layer for p in probes]
+        runs = [self._probe_run(p, steps) for i, p in enumerate(probes) if self.par.owns(i)]  # probe i on rank i mod N
         groups = self._groups(runs)
         sampler = BlockSampler(self.data.train.shape[0], B, seed=self.seed)
         step, done = self._load(runs, sampler)
@@ -448,8 +459,9 @@ class SelectionEngine:
         bar = tqdm(total=steps, initial=step, desc=f"probes x{len(runs)}", unit="step", disable=not self.progress)
         while not done and step < steps:
             n = min(window, steps - step)
-            batches, hidden = self._teacher_window(sampler, n, self.device if on_device else torch.device("cpu"))
+            batches, hidden = self._teacher_window(sampler, n, self.device if on_device else torch.device("cpu"), bool(runs))
             raw: dict[int, float] = {}
+            eval_before = self.tokens["eval_forward"]
             for group in groups:
                 if not on_device:
                     for r in group:
@@ -459,6 +471,7 @@ class SelectionEngine:
                     for r in group:
                         r.to(torch.device("cpu"))
                 faults.kill_point("probe-group")
+            raw = self._gather_window(raw, eval_before, runs)
             step += n
             self.tokens["probe_each"] = step * B * T
             stop = self._record_window(step, step * B * T, raw)
@@ -470,9 +483,18 @@ class SelectionEngine:
             self._save(runs, sampler, step, done)
             faults.kill_point("probe-window")
         bar.close()
-        self.tokens["probes_total"] = self.tokens["probe_each"] * len(runs)
-        self.n_probes = len(runs)
+        self.tokens["probes_total"] = self.tokens["probe_each"] * len(probes)
+        self.n_probes = len(probes)
         return self.trajectory[-1]["raw"] if self.trajectory else {}
+
+    def _gather_window(self, raw: dict[int, float], eval_before: int, runs: list[ProbeRun]) -> dict[int, float]:
+        """With several ranks: every rank's scores, probe status and held-out tokens of this window, on every rank."""
+        mine = {r.probe.layer for r in runs}
+        status = {l: rec for l, rec in self.probe_status.items() if l in mine}
+        raw, status, evals = gather_window(self.par, raw, status, self.tokens["eval_forward"] - eval_before, self._plan)
+        self.probe_status.update(status)
+        self.tokens["eval_forward"] = eval_before + evals
+        return raw
 
     def run(self) -> dict[str, Any]:
         """Score, rank and choose; returns the selection record for result.json."""

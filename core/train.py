@@ -23,6 +23,7 @@ from torch import nn
 
 from hybridize import faults
 from hybridize.data import BlockSampler
+from hybridize.distributed import SINGLE, check_batch, ddp_root, full_state, load_full_state, shard_batch
 from hybridize.errors import HybridizeError
 from hybridize.integrity import IntegrityError, commit_checkpoint, record_checkpoint, verify_checkpoint
 
@@ -133,6 +134,11 @@ class Loop:
         ckpt_path: checkpoint file, or None for no checkpoints.
         evaluate: called every ``cfg.eval_every`` steps and at the end; returns metrics.
         on_step: called after every step with (step, tokens, metrics); may raise to stop.
+        dist: this process's place in a multi-process job (:class:`hybridize.distributed.Dist`);
+            with several ranks each step's global batch is split over them and the gradients are
+            averaged by DDP, and rank 0 alone writes the checkpoint.
+        root: the FSDP2 root (a ``fully_shard``-ed :class:`hybridize.distributed.CallRoot` over
+            ``model``) when the model is sharded; the loss then runs inside its forward.
     """
 
     name: str
@@ -146,6 +152,8 @@ class Loop:
     evaluate: Callable[[], dict[str, float]] | None = None
     on_step: Callable[[int, int, dict[str, float]], None] | None = None
     progress: bool = True
+    dist: Any = None
+    root: Any = None
     step: int = 0
     tokens: int = 0
     history: list[dict[str, Any]] = attrs.field(factory=list)
@@ -159,31 +167,51 @@ class Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
         self.sampler = BlockSampler(self.blocks.shape[0], self.cfg.batch_size, seed=self.cfg.seed)
         self._trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.par = self.dist or SINGLE
+        self._micro = check_batch(self.cfg.batch_size, self.cfg.micro_batch_size, self.par)
+        self._ddp = ddp_root(self.model, self.par) if self.par.active and self.root is None else None
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        params = dict(self.model.named_parameters())
+        """The checkpoint (with an FSDP-sharded model a collective: every rank must call it)."""
+        if self.root is not None:
+            model, optim = full_state(self.model, self.optimizer, self._trainable)
+        else:
+            params = dict(self.model.named_parameters())
+            model, optim = {n: params[n].detach().cpu() for n in self._trainable}, self.optimizer.state_dict()
         return {
             "name": self.name, "step": self.step, "tokens": self.tokens, "history": self.history,
-            "model": {n: params[n].detach().cpu() for n in self._trainable},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(), "rng": rng_state(),
+            "model": model, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": rng_state(), **({"fsdp": True} if self.root is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, t in state["model"].items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if bool(state.get("fsdp")) != (self.root is not None):
+            how = "with FSDP (distill.parallel fsdp)" if state.get("fsdp") else "without FSDP"
+            raise HybridizeError(
+                f"{self.name}: checkpoint {str(self.ckpt_path)!r} was written {how}, unlike this run; resume with the "
+                "same --nproc and distill.parallel, or delete that file to redo the stage"
+            )
+        if self.root is not None:
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, t in state["model"].items():
+                    params[n].copy_(t)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
 
     def save(self) -> None:
-        if self.ckpt_path is not None:
-            atomic_torch_save(self.state_dict(), self.ckpt_path)
+        """Checkpoint (rank 0 writes; the state is the same on every rank)."""
+        if self.ckpt_path is None or (self.root is None and not self.par.is_main):
+            return
+        state = self.state_dict()  # with FSDP a collective: every rank gathers, rank 0 writes
+        if self.par.is_main:
+            atomic_torch_save(state, self.ckpt_path)
 
     def try_resume(self) -> bool:
         """Load the checkpoint if one exists; True when resumed."""
@@ -193,16 +221,33 @@ class Loop:
         return True
 
     # -- the loop ---------------------------------------------------------------------------
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        if self._ddp is not None:
+            return self._ddp(self.loss_fn, batch)
+        if self.root is not None:
+            return self.root(self.loss_fn, batch)
+        return self.loss_fn(batch)
+
+    def _grad_sync(self, on: bool) -> Any:
+        """Gradient averaging over the ranks only after the step's last micro-batch (accumulation)."""
+        if self._ddp is not None and not on:
+            return self._ddp.no_sync()
+        if self.root is not None:
+            self.root.set_requires_gradient_sync(on)
+        return nullcontext()
+
     def _one_step(self) -> float:
-        idx = self.sampler.next_indices()
-        n_micro = math.ceil(len(idx) / self.cfg.micro_batch_size)
+        idx = self.sampler.next_indices()  # the global batch; this rank takes its share
+        parts = list(shard_batch(idx, self.par).split(self._micro))
         total = 0.0
-        for part in idx.split(self.cfg.micro_batch_size):
+        for i, part in enumerate(parts):
             batch = self.blocks[part].to(self.device, non_blocking=True)
-            with autocast_for(self.device):
-                loss = self.loss_fn(batch) / n_micro
-            loss.backward()
+            with self._grad_sync(i == len(parts) - 1):
+                with autocast_for(self.device):
+                    loss = self._loss(batch) / len(parts)
+                loss.backward()
             total += float(loss.detach())
+        total = self.par.mean(total)
         if not math.isfinite(total):
             raise NonFiniteLossError(
                 f"{self.name}: the training loss is {total} at step {self.step + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}); "
