@@ -213,6 +213,8 @@ def _relaunch(args: argparse.Namespace, cfg: Any) -> int:
     from hybridize.outputs import check_out_dir
 
     distributed.check_nproc(args.nproc, cfg.device)
+    d = cfg.distill
+    distributed.check_batch(d.batch_size, d.micro_batch_size or d.batch_size, distributed.Dist(world=args.nproc))
     check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     return distributed.launch(distributed.strip_nproc(args.argv), args.nproc)
 

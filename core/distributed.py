@@ -29,10 +29,8 @@ import datetime
 import os
 import re
 import shutil
-import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +143,25 @@ class Dist:
             raise RemoteError(f"rank 0 failed: {outcome[1]}")
         return outcome[1]
 
-    @contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (e.g. to fill a download or data cache), then the others."""
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """Rank 0 runs ``fn`` first (e.g. to fill a download or data cache), then the other ranks run it.
+
+        If it fails on rank 0, the other ranks raise :class:`RemoteError` instead of running it.
+        """
+        if not self.active:
+            return fn()
         if self.is_main:
-            yield
-        self.barrier()
-        if not self.is_main:
-            yield
+            try:
+                out = fn()
+            except BaseException as exc:  # noqa: BLE001 - the other ranks must learn of every failure
+                self.broadcast(("error", f"{type(exc).__name__}: {exc}"))
+                raise
+            self.broadcast(("ok", None))
+            return out
+        status = self.broadcast(None)
+        if status[0] == "error":
+            raise RemoteError(f"rank 0 failed: {status[1]}")
+        return fn()
 
 
 SINGLE = Dist()
@@ -248,20 +257,30 @@ def check_nproc(nproc: int, device: str) -> None:
             )
 
 
-def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
-    """The torchrun (``python -m torch.distributed.run``) command that runs ``hybridize ARGV`` on ``nproc`` processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "hybridize", *argv]
+def torchrun_args(argv: Sequence[str], nproc: int) -> list[str]:
+    """torchrun's arguments for ``hybridize ARGV`` on ``nproc`` local processes (``--standalone``: a free port)."""
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "hybridize", *argv]
 
 
 def launch(argv: Sequence[str], nproc: int) -> int:
-    """Run ``hybridize ARGV`` on ``nproc`` local processes through torchrun; returns its exit status.
+    """Run ``hybridize ARGV`` on ``nproc`` local processes through torchrun (``torch.distributed.run``).
 
-    ``--standalone`` picks a free port on this host, so several jobs can run side by side.
+    Returns:
+        0, or the exit status of the first process that failed (2 for a hybridize error, whose
+        message that process printed); torchrun stops the others.
     """
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(torchrun_command(argv, nproc), env=env)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        run(get_args_parser().parse_args(torchrun_args(argv, nproc)))
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        print(f"hybridize: {len(exc.failures)} of {nproc} processes stopped (exit status {', '.join(map(str, codes))}); "
+              "the error is printed above", file=sys.stderr)
+        return next((c for c in codes if c > 0), 1)
+    return 0
 
 
 def strip_nproc(argv: Sequence[str]) -> list[str]:

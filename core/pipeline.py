@@ -65,10 +65,11 @@ def _inputs(cfg: RunConfig, par: distributed.Dist) -> tuple[Any, Any]:
     """The teacher (on this rank's device) and the packed data; rank 0 loads first (download and data caches)."""
     from hybridize.teacher import load_teacher
 
-    with par.main_first():
+    def load() -> tuple[Any, Any]:
         teacher = load_teacher(cfg.teacher, device=par.device)
-        data = prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
-    return teacher, data
+        return teacher, prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
+
+    return par.main_first(load)
 
 
 def _on_every_rank(body: Any, cfg: RunConfig, out: str | Path, *, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any] | None:
