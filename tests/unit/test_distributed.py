@@ -30,7 +30,7 @@ from hybridize.distill import DistillConfig, Distiller
 from hybridize.distributed import Dist, ProbeCheckpoints, check_batch, check_nproc, probes_per_rank, strip_nproc
 from hybridize.errors import ConfigError
 from hybridize.plugins_manager import get_plugin_manager
-from hybridize.select import SelectionConfig, SelectionEngine
+from hybridize.select import ProbeDivergedWarning, SelectionConfig, SelectionEngine
 from hybridize.surgery import build_student
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
 
@@ -170,6 +170,18 @@ def test_a_killed_two_rank_selection_resumes_per_rank_and_on_one_process(tmp_pat
     single = _select(None, data, ckpt=tmp_path / "b")
     assert_same_selection(single, ref, exact=True)
     assert (tmp_path / "b" / "probes.pt").exists() and not list((tmp_path / "b").glob("rank*-of-*"))
+
+
+def test_a_diverged_probe_is_retried_from_its_rank_checkpoint_and_failed_on_every_rank(tmp_path, data, monkeypatch):
+    """Layer 2's probe (rank 0's) is NaN at every step: retried from rank 0's file, then failed; rank 1 learns it too."""
+    monkeypatch.setenv("HYBRIDIZE_FAULT", "probe-nan@2:1+")
+    with pytest.warns(ProbeDivergedWarning, match="probe of layer 2 (diverged|failed)"):
+        one = _select(None, data, ckpt=tmp_path / "one")
+    two = run_ranks(tmp_path, _select, data=data, ckpt=tmp_path / "two")
+    assert one["probe_status"][2]["status"] == "failed"
+    for rank in two:
+        assert rank["probe_status"] == one["probe_status"] and 2 not in rank["ranking"]
+        assert_same_selection(one, rank, exact=False)
 
 
 def test_more_ranks_than_probes(tmp_path, data):
