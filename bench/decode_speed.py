@@ -84,8 +84,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--warm-tokens", type=int, default=4)
+    ap.add_argument("--models", default="teacher,hybrid-eager,hybrid")
+    ap.add_argument("--sdpa", default="default", choices=("default", "no-cudnn"),
+                    help="no-cudnn: keep torch's SDPA off the cuDNN backend (flash / memory-efficient kernels instead)")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()
+    if args.sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     from hybridize.surgery import build_student
 
     device = pc.resolve(args.device)
@@ -97,6 +102,7 @@ def main() -> None:
     hybrid = build_student(teacher, pc.quarter_softmax(n), "gdn").eval().requires_grad_(False)
     # "hybrid-eager": the same hybrid with hybridize.decode_graphs off (every kernel launched from Python)
     models = {"teacher": teacher, "hybrid-eager": hybrid, "hybrid": hybrid}
+    models = {k: models[k] for k in args.models.split(",")}
     vocab = teacher.config.vocab_size
     g = torch.Generator().manual_seed(0)
     for name, model in models.items():  # warm-up: kernel autotuning / first calls are not timed
@@ -118,7 +124,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 print(f"prompt {P} batch {b} {name}: {res[name]}", flush=True)
-            t, h, e = res["teacher"], res["hybrid"], res["hybrid-eager"]
+            t, h, e = res.get("teacher", {}), res.get("hybrid", {}), res.get("hybrid-eager", {})
             row = {"prompt": P, "batch": b, "hybrid_eager_decode_tok_s": e.get("decode_tok_s")}
             for key in ("decode_tok_s", "prefill_s", "cache_GiB", "peak_above_weights_GiB"):
                 row[f"teacher_{key}"], row[f"hybrid_{key}"] = t.get(key), h.get(key)

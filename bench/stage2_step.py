@@ -13,7 +13,8 @@ Cases are named ``VARIANT[+option...]``; options switch this project's optimisat
 measure what they buy: ``kl=checkpoint`` (the recompute-in-backward KL instead of the fused
 one), ``klcompile=0`` (the fused KL's elementwise part eager instead of torch.compile-d),
 ``aux=torch`` (short convolution and gated norm in torch instead of fla's kernels), and ON:
-``compile`` (torch.compile of every decoder layer).
+``compile`` (torch.compile of every decoder layer); ``conv=0`` / ``conv=1`` sets the variant's
+``use_short_conv`` (GDN's default is 1, GLA's 0).
 
 For each case: the loop's steps/s after warm-up (tokens/s and MFU = model FLOPs / s / 989.4 TFLOP/s,
 model FLOPs = student forward+backward + teacher forward, see ``perf_common.flops_per_token``),
@@ -48,20 +49,21 @@ DEFAULT_CASES = ("teacher-ce,teacher,gdn,gla,teacher+kl=checkpoint,gdn+kl=checkp
 def parse_case(case: str) -> tuple[str, dict[str, str]]:
     variant, *opts = case.split("+")
     parsed = dict(o.split("=", 1) if "=" in o else (o, "1") for o in opts)
-    unknown = set(parsed) - {"kl", "klcompile", "aux", "compile"}
+    unknown = set(parsed) - {"kl", "klcompile", "aux", "compile", "conv"}
     if variant not in ("teacher-ce", "teacher", "gdn", "gla") or unknown:
         raise SystemExit(f"stage2_step field 'cases' must be VARIANT[+opt=value...]; got {case!r}")
     return variant, parsed
 
 
-def build_student(teacher: torch.nn.Module, variant: str) -> torch.nn.Module:
+def build_student(teacher: torch.nn.Module, variant: str, opts: dict[str, str]) -> torch.nn.Module:
     from hybridize.surgery import build_student as surgery
     from hybridize.teacher import decoder_layers
 
     n = len(decoder_layers(teacher))
     if variant in ("teacher", "teacher-ce"):
         return surgery(teacher, list(range(n)), "gdn").train()
-    return surgery(teacher, pc.quarter_softmax(n), variant).train()
+    params = {"use_short_conv": opts["conv"] == "1"} if "conv" in opts else {}
+    return surgery(teacher, pc.quarter_softmax(n), variant, params).train()
 
 
 def make_loop(teacher, student, variant: str, opts: dict[str, str], blocks: torch.Tensor, args, device) -> Loop:
@@ -153,7 +155,7 @@ def apply_options(opts: dict[str, str], student, teacher) -> None:
 def run_case(case: str, teacher, blocks, args, device) -> dict[str, Any]:
     variant, opts = parse_case(case)
     print(f"\n== {case}", flush=True)
-    student = build_student(teacher, variant)
+    student = build_student(teacher, variant, opts)
     apply_options(opts, student, teacher)
     pc.reset_peak(device)
     loop = make_loop(teacher, student, variant, opts, blocks, args, device)
