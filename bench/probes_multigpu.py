@@ -12,13 +12,16 @@ of one steady-state evaluation window (``--window`` probe steps of every probe o
 ``--seq`` tokens, the teacher passes, the held-out scoring of every probe and the all-gather) and
 20 is the number of windows the engine gives one probe by default (``selection.eval_every`` = 0):
 how many such probes, each ``20 x window x batch x seq`` tokens long, one selection finishes per
-hour. The first window (kernel autotuning, ``torch.compile`` of the fused KL) is not timed; stage
-1 and probe checkpoints are not part of it. Speed-up = probes/hour on N / on 1 (goal >= 1.8x on 2).
+hour. The first window (kernel autotuning, ``torch.compile`` of the fused KL) is not timed, nor is
+stage 1; each window's in-memory probe checkpoint (the NaN guard's restart point; no files are
+written) is. Speed-up = probes/hour on N / on 1 (goal >= 1.8x on 2). ``max_rel_score_diff_vs_1``
+compares the final raw scores with the 1-process run's (random weights: near-tied layers, so the
+selected set itself may differ by noise).
 
     # 2 GPUs (about 3-4 minutes for both measurements)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 python bench/probes_multigpu.py --nprocs 1,2
-    # CPU smoke test, 2 gloo processes
-    python bench/probes_multigpu.py --device cpu --size tiny12 --seq 64 --batch 4 --nprocs 1,2
+    # CPU smoke test, 2 gloo processes (about 45 s on 2 cores)
+    OMP_NUM_THREADS=1 python bench/probes_multigpu.py --device cpu --size tiny12 --seq 64 --batch 4 --nprocs 1,2
 """
 from __future__ import annotations
 
