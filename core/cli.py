@@ -113,7 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{t['selection_cost']:,} tokens = {t['selection_cost_ratio']:.3f}x the independent per-probe pipeline ({t['independent_pipeline_equivalent']:,})")
     if "distributed" in result:
         d = result["distributed"]
-        print(f"  {d['world_size']} processes ({d['backend']}): probes per rank {d['probes_per_rank']}; final distillation {d['final_distillation']}")
+        per_rank = f"probes per rank {d['probes_per_rank']}; " if "probes_per_rank" in d else ""
+        print(f"  {d['world_size']} processes ({d['backend']}): {per_rank}final distillation {d['final_distillation']}")
     for key in ("heldout_kl", "student_ppl", "teacher_ppl"):
         print(f"  {key:<12} {m[key]:.4f}")
     print(f"wrote {args.out}/result.json, scores.png, jaccard.png, distill.png and the hybrid in {args.out}/model ({result['wall_seconds']} s)")

@@ -83,8 +83,10 @@ def _on_every_rank(body: Any, cfg: RunConfig, out: str | Path, *, resume: bool, 
 
 def _dist_record(par: distributed.Dist, n_probes: int, distiller: Distiller) -> dict[str, Any]:
     """result.json ``distributed``: how the ranks shared the work."""
-    return {"world_size": par.world, "backend": par.backend, "probes_per_rank": distributed.probes_per_rank(n_probes, par.world),
-            "final_distillation": distiller.parallel_used}
+    record = {"world_size": par.world, "backend": par.backend, "final_distillation": distiller.parallel_used}
+    if n_probes:
+        record["probes_per_rank"] = distributed.probes_per_rank(n_probes, par.world)
+    return record
 
 
 def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any] | None:
