@@ -136,10 +136,12 @@ def main() -> None:
     print(f"shared: {shared['wall_s']:.1f} s, teacher-forward tokens {shared['tokens']['teacher_forward']:,}, "
           f"phases {({k: round(v, 2) for k, v in shared['phases_s'].items()})}", flush=True)
     layers = list(range(n_layers))[: args.indep_probes or n_layers]
-    indep = []
-    for layer in layers:
+    indep: list[dict[str, Any]] = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for layer in layers:  # the JSON is rewritten after each probe, so a run cut short keeps what it measured
         indep.append(independent_probe(teacher, data, distill, sel, device, layer))
         print(f"independent probe {layer}: {indep[-1]['wall_s']:.1f} s", flush=True)
+        Path(args.out).write_text(json.dumps({"env": env, "args": vars(args), "shared": shared, "independent": indep}, indent=2))
     scale = n_layers / len(layers)
     indep_wall = sum(r["wall_s"] for r in indep) * scale
     indep_teacher = sum(r["tokens"]["teacher_forward"] for r in indep) * scale
@@ -151,7 +153,6 @@ def main() -> None:
         "engine_cost_ratio": shared["tokens"]["cost_ratio"], "independent_probes_run": len(layers),
     }
     out = {"env": env, "args": vars(args), "result": row, "shared": shared, "independent": indep}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\n{args.size}, seq {args.seq}, batch {args.batch}, {env.get('gpu', env['device'])}"
           + ("" if scale == 1 else f" (independent side: {len(layers)} of {n_layers} probes run, scaled x{scale:.2f})"))
