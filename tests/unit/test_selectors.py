@@ -209,3 +209,20 @@ def test_random_is_a_seeded_permutation(registry):
 def test_selector_configs_reject_unknown_keys(registry):
     with pytest.raises(ConfigError, match="selector 'kl-greedy-add' has no field 'budget'"):
         registry["kl-greedy-add"].build_config({"budget": 3})
+
+
+def test_hybridize_plugins_lists_the_proxies_and_the_distance_options(capsys):
+    import json
+
+    from hybridize.cli import main
+
+    assert main(["plugins"]) == 0
+    text = capsys.readouterr().out
+    for name in ("swap-kl", "grad-sensitivity", "attention-entropy"):
+        assert f"  {name}" in text.split("\nselector (")[1].split("\nscorer (")[0]
+    assert "every selector also takes the distance options min_gap=1, gap_penalty=0.0, gap_radius=1" in text
+    assert main(["plugins", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    proxies = {r["name"] for r in payload["components"]["selector"] if "proxy" in r["capabilities"]}
+    assert proxies == {"swap-kl", "grad-sensitivity", "attention-entropy"}
+    assert payload["selector_distance_params"] == {"min_gap": 1, "gap_penalty": 0.0, "gap_radius": 1}
