@@ -82,23 +82,76 @@ def _files(source: str | Sequence[str], field: str) -> tuple[str, list[str]] | N
     return builders.pop(), [str(f) for f in files]
 
 
-def load_documents(source: str | Sequence[str], *, field: str = "train", text_field: str = "text") -> list[str]:
-    """Read documents: paragraphs of text files, or the ``text_field`` of jsonl / parquet / hub rows."""
-    import datasets
+def _read_local(builder: str, files: Sequence[str], field: str) -> list[dict[str, Any]] | None:
+    """Rows of local text / json files read without ``datasets`` (None: parquet, left to ``datasets``).
 
-    resolved = _files(source, field)
-    try:
-        if resolved is None:
-            ds = datasets.load_dataset(source, split="train")
+    Text files give one row per paragraph (split on a blank line, as ``datasets``' text builder with
+    ``sample_by="paragraph"`` does); .jsonl gives one row per non-blank line; .json is either a list
+    of objects or JSON lines.
+    """
+    import json
+
+    if builder == "parquet":
+        return None
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"data field '{field}': cannot read {f!r}: {exc}") from exc
+        if builder == "text":
+            rows += [{"text": para} for para in text.split("\n\n") if para]
+            continue
+        if f.endswith(".json") and text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"data field '{field}': {f!r} is not valid JSON: {exc}") from exc
         else:
-            builder, files = resolved
-            kw = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kw)
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as exc:
-        raise DataError(f"data field '{field}': cannot load {source!r}: {exc}") from exc
-    if text_field not in ds.column_names:
-        raise DataError(f"data field '{field}' has no column {text_field!r} (columns: {ds.column_names}); set data.text_field")
-    docs = [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
+            items = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"data field '{field}': {f!r} line {n} is not valid JSON: {exc}") from exc
+        bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
+        if bad is not None:
+            raise DataError(f"data field '{field}': {f!r} row {bad} is not a JSON object; give one object per row")
+        rows += items
+    return rows
+
+
+def load_documents(source: str | Sequence[str], *, field: str = "train", text_field: str = "text") -> list[str]:
+    """Read documents: paragraphs of text files, or the ``text_field`` of jsonl / parquet / hub rows.
+
+    Local text and json files are read directly; ``datasets`` is imported only for parquet files
+    and hub ids, so a run on local text needs no ``datasets`` installed.
+    """
+    resolved = _files(source, field)
+    rows = _read_local(*resolved, field) if resolved is not None else None
+    if rows is not None:
+        columns = sorted({k for r in rows for k in r})
+        texts = [r.get(text_field) for r in rows]
+    else:
+        try:
+            import datasets
+        except ImportError as exc:
+            what = "parquet files" if resolved is not None else f"hub data set {source!r}"
+            raise DataError(f"data field '{field}': reading {what} needs the datasets package; "
+                            f"pip install datasets, or give local .txt / .jsonl files") from exc
+        try:
+            if resolved is None:
+                ds = datasets.load_dataset(source, split="train")
+            else:
+                ds = datasets.load_dataset(resolved[0], data_files=resolved[1], split="train")
+        except (FileNotFoundError, ConnectionError, OSError, ValueError) as exc:
+            raise DataError(f"data field '{field}': cannot load {source!r}: {exc}") from exc
+        columns = list(ds.column_names)
+        texts = ds[text_field] if text_field in columns else []
+    if text_field not in columns:
+        raise DataError(f"data field '{field}' has no column {text_field!r} (columns: {columns}); set data.text_field")
+    docs = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
     if not docs:
         raise DataError(f"data field '{field}': {source!r} holds no non-empty documents")
     return docs

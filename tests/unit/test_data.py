@@ -77,3 +77,52 @@ def test_sampler_resumes_exactly():
 def test_data_config_validation():
     with pytest.raises(ValueError):
         DataConfig(train="x", seq_len=1)
+
+
+def _via_datasets(builder, files, text_field="text"):
+    datasets = pytest.importorskip("datasets")
+    kw = {"sample_by": "paragraph"} if builder == "text" else {}
+    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kw)
+    return [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
+
+
+def test_local_reading_matches_datasets(tmp_path):
+    """The direct reader gives the documents ``datasets``' builders give, in the same order."""
+    f = tmp_path / "a.txt"
+    f.write_text("one\n\ntwo\nlines\n\n\n\nthree  \n\n \n\nfour" + "\n\nx" * 3000)
+    assert load_documents(str(f)) == _via_datasets("text", [f])
+    j = tmp_path / "b.jsonl"
+    j.write_text("\n".join(json.dumps({"text": f"doc {i}\n\nwith break", "id": i}) for i in range(50)) + "\n\n")
+    assert load_documents(str(j)) == _via_datasets("json", [j])
+    arr = tmp_path / "c.json"
+    arr.write_text(json.dumps([{"text": f"row {i}"} for i in range(5)]))
+    assert load_documents(str(arr)) == _via_datasets("json", [arr]) == [f"row {i}" for i in range(5)]
+
+
+def test_local_reading_matches_datasets_on_real_text(shared_dir):
+    real = shared_dir / "data" / "tinystories_val.txt"
+    assert load_documents(str(real)) == _via_datasets("text", [real])
+
+
+def test_local_text_needs_no_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "a.txt"
+    f.write_text("a\n\nb\n")
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "from hybridize.data import load_documents, DataError\n"
+            f"assert load_documents({str(f)!r}) == ['a', 'b']\n"
+            "try:\n    load_documents('some-org/some-set')\nexcept DataError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "needs the datasets package" in out and "some-org/some-set" in out
+
+
+def test_bad_json_rows_are_named(tmp_path):
+    j = tmp_path / "b.jsonl"
+    j.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match=r"line 2 is not valid JSON"):
+        load_documents(str(j))
+    j.write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"row 1 is not a JSON object"):
+        load_documents(str(j))
