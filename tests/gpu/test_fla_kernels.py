@@ -22,7 +22,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+# fp32: fla's chunk kernels run their fp32 dots in TF32 on Hopper (1.5e-3 measured against float64,
+# 1.1e-4 with TRITON_F32_DEFAULT=tf32x3; docs/benchmarks.md, issue 2), so the fp32 bound is 5e-3: a bug
+# in the mapping of arguments or gates gives errors of order 1, far above either bound.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("op", ["gdn", "gla"])
 def test_op_fla_matches_reference(op, dtype, tol):
     assert fla_available()
