@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _library_progress(quiet: bool) -> Iterator[None]:
+    """``--quiet`` also covers the progress bars of transformers, datasets and lm-eval (loading weights,
+    generating splits, building and running requests): their switches are turned off for the call and
+    back on afterwards, so ``main()`` called from Python leaves no trace. tqdm reads ``TQDM_DISABLE`` only
+    at import, so bars that lm-eval makes with plain ``tqdm`` get ``disable=True`` as their default."""
+    if not quiet:
+        yield
+        return
+    import functools
+
+    import tqdm as tqdm_lib
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets.utils.logging as datasets_logging
+    except ImportError:
+        datasets_logging = None
+    ds_was_on = datasets_logging.is_progress_bar_enabled() if datasets_logging else False
+    if datasets_logging:
+        datasets_logging.disable_progress_bar()
+    init = tqdm_lib.tqdm.__init__
+    tqdm_lib.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    try:
+        yield
+    finally:
+        tqdm_lib.tqdm.__init__ = init
+        if was_on:
+            hf_logging.enable_progress_bar()
+        if ds_was_on:
+            datasets_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hybridize`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -295,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("run", "distill"):
             raise HybridizeError(f"hybridize {args.command} runs on one process; only `run` and `distill` run on several "
                                  "(torchrun or --nproc N)")
-        return args.func(args)
+        with _library_progress(getattr(args, "quiet", False)):
+            return args.func(args)
     except RemoteError:  # rank 0 failed and printed why
         return 2
     except HybridizeError as exc:

@@ -7,6 +7,7 @@ task runs through ``simple_evaluate`` with a ``TaskManager``. Network access is 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import sys
 import tempfile
@@ -168,8 +169,12 @@ class LmEval:
         max_length = self.config.max_length
         if max_length is None and any(t in ruler.SUBTASKS for t in self.tasks):
             max_length = max(self.config.max_seq_lengths)
-        return HFLM(pretrained=target.model, tokenizer=target.tokenizer, backend="causal", batch_size=self.config.batch_size,
-                    max_length=max_length, device=str(target.device))
+        lm = HFLM(pretrained=target.model, tokenizer=target.tokenizer, backend="causal", batch_size=self.config.batch_size,
+                  max_length=max_length, device=str(target.device))
+        if not target.progress:  # HFLM's request bars take an explicit switch
+            for name in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
+                setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
+        return lm
 
     def _spec(self, tm: Any, task: str, target: EvalTarget, tokenizer_path: Callable[[], str]) -> tuple[Any, int | None, str]:
         """(task spec for lm-eval, limit to pass, where the documents come from)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -125,6 +126,7 @@ def test_cli_eval_saved_hybrid_and_teacher(tmp_path, swde_file, corpus, capsys):
     teacher_dir = save_tiny_teacher(tmp_path / "teacher", n_layer=2)
     student = build_student(tiny_model("llama", n_layer=2), [0], "gdn")
     hybrid_dir = save_hybrid(student, tmp_path / "run" / "model", tiny_tokenizer())
+    capsys.readouterr()  # the saving's own bars
     for d in (teacher_dir, hybrid_dir):
         out = tmp_path / f"eval_{d.parent.name}"
         assert main(["eval", str(d), "--tasks", "swde", "--swde-data", str(swde_file), "--limit", "2", "--batch-size", "2",
@@ -132,7 +134,11 @@ def test_cli_eval_saved_hybrid_and_teacher(tmp_path, swde_file, corpus, capsys):
         result = json.loads((out / "eval.json").read_text())
         assert set(result["metrics"]) == {"swde", "perplexity"} and math.isfinite(result["metrics"]["perplexity"])
         assert "| swde |" in (out / "eval.md").read_text()
-    assert "| metric | run | samples |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| metric | run | samples |" in captured.out
+    # --quiet silences the libraries' bars too (weights loading, lm-eval requests), and only during the call
+    assert "it/s]" not in captured.err and "Loading weights" not in captured.err
+    assert "TQDM_DISABLE" not in os.environ
     assert main(["eval", str(hybrid_dir), "--tasks", "niah_single_2", "--limit", "1"]) == 2
     assert "field 'essays_dir' (--essays)" in capsys.readouterr().err
     assert main(["eval", str(hybrid_dir)]) == 2
