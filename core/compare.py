@@ -306,6 +306,9 @@ def plot_metrics(table: list[dict[str, Any]], path: Path, title: str) -> Path | 
             for i, (m, sd) in enumerate(means):
                 if not math.isnan(m):
                     ax.annotate(f"{m:.3g}", (i, m + sd), ha="center", va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
+            tops = [m + sd for m, sd in means if not math.isnan(m)]
+            if tops and max(tops) > 0:  # room above the tallest error bar for its label
+                ax.set_ylim(top=max(tops) * 1.14)
         else:
             span = max(1, ks[-1] - ks[0])
             for i, sel in enumerate(selectors):
