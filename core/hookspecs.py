@@ -84,12 +84,14 @@ def hybridize_run_start(run_dir: str | None, config: Any) -> None:
 
 @hookspec
 def hybridize_step_end(stage: str, step: int, tokens: int, metrics: dict[str, float]) -> None:
-    """Observe the end of one optimisation step (stage 1, stage 2, stage 3 or a probe).
+    """Observe the end of one optimisation step (stage 1, stage 2, stage 3) or of a probe's evaluation window.
 
-    :param stage: ``"stage1"``, ``"stage2"``, ``"stage3"`` or ``"probe:<name>"``.
-    :param step: the optimizer step just finished, from 1.
-    :param tokens: tokens consumed by this stage so far.
-    :param metrics: scalar metrics of the step (loss, lr, ...).
+    :param stage: ``"stage1"``, ``"stage2"``, ``"stage3"``, or ``"probe:<layer>"`` once per probe at the end of
+        every selection window (the probes train in lockstep, so a window is their natural step).
+    :param step: the optimizer step just finished, from 1 (for a probe: its probe steps so far).
+    :param tokens: tokens consumed by this stage so far (for a probe: its tokens so far).
+    :param metrics: scalar metrics of the step (loss, lr, ...; for a probe: ``score``, its raw held-out
+        score, and ``importance``, higher = keep softmax).
     :returns: None.
 
     .. versionadded:: 0.1

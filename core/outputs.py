@@ -41,6 +41,51 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+class MetricsLog:
+    """``OUT/metrics.jsonl``: one JSON line per optimizer step and per selection window, written as it happens.
+
+    For watching a long run (``tail -f``) and plotting it mid-way; ``result.json`` is only written at the
+    end. Lines are flushed at once; the file is created on the first line, so a run that fails before
+    training leaves none. A resumed run appends after a ``{"event": "resume"}`` line: the steps between
+    the last checkpoint and the interruption then appear twice, the later lines being the ones that count.
+    Every line has ``wall`` (seconds since this process opened the log) and ``stage``.
+    """
+
+    NAME = "metrics.jsonl"
+
+    def __init__(self, out: Path, *, resume: bool) -> None:
+        import time
+
+        self.path = Path(out) / self.NAME
+        self._resume = resume and self.path.is_file()
+        self._t0 = time.perf_counter()
+        self._file: Any = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        import time
+
+        if self._file is None:
+            self._file = open(self.path, "a")
+            if self._resume:
+                self._file.write(json.dumps({"event": "resume", "wall": 0.0}) + "\n")
+                self._resume = False
+        line = {"wall": round(time.perf_counter() - self._t0, 3), **record}
+        self._file.write(json.dumps(line, default=_jsonable) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temporary directory into place.
 

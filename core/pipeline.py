@@ -17,7 +17,7 @@ from hybridize.data import prepare_data
 from hybridize.distill import Distiller
 from hybridize.errors import ConfigError
 from hybridize import faults
-from hybridize.outputs import check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
+from hybridize.outputs import MetricsLog, check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
 from hybridize.runconfig import RunConfig
 
 
@@ -28,11 +28,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _observe(pm: Any) -> Any:
+def _observe(pm: Any, log: MetricsLog) -> Any:
+    """Each optimizer step: a line of ``OUT/metrics.jsonl`` and the ``hybridize_step_end`` hook."""
+
     def on_step(stage: str, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        log.write({"stage": stage, "step": step, "tokens": tokens, **metrics})
         pm.hook.hybridize_step_end(stage=stage, step=step, tokens=tokens, metrics=metrics)
 
     return on_step
+
+
+def _observe_windows(pm: Any, log: MetricsLog) -> Any:
+    """Each selection window: a ``selection`` line (scores, top-K) and ``hybridize_step_end`` per probe."""
+
+    def on_window(window: dict[str, Any]) -> None:
+        step, tokens = window["step"], window["tokens_per_probe"]
+        log.write({"stage": "selection", "step": step, "tokens": tokens, "top_k": window["top_k"],
+                   "jaccard_prev": window["jaccard_prev"], "raw": window["raw"], "importance": window["importance"]})
+        for layer, raw in window["raw"].items():
+            pm.hook.hybridize_step_end(stage=f"probe:{layer}", step=step, tokens=tokens,
+                                       metrics={"score": raw, "importance": window["importance"].get(layer, float("nan"))})
+
+    return on_window
 
 
 def _evaluate(cfg: RunConfig, pm: Any, result: dict[str, Any], student: Any, teacher: Any, data: Any, device: torch.device, progress: bool) -> None:
@@ -117,9 +134,13 @@ def _distill(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: 
     device = par.device
     teacher, data = _inputs(cfg, par)
     student = build_student(teacher.model, cfg.softmax_layers, cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
+    log = MetricsLog(out, resume=resume)
     distiller = Distiller(teacher=teacher.model, data=data, cfg=cfg.distill, device=device, ckpt_dir=out / "checkpoints",
-                          seed=cfg.seed, progress=progress, on_step=_observe(pm) if par.is_main else None, dist=par)
-    report = distiller.run(student)
+                          seed=cfg.seed, progress=progress, on_step=_observe(pm, log) if par.is_main else None, dist=par)
+    try:
+        report = distiller.run(student)
+    finally:
+        log.close()
     if not par.is_main:
         return None
     save_hybrid(student.cpu(), out / "model", teacher.tokenizer)
@@ -206,14 +227,19 @@ def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool
     n_layers = len(decoder_layers(teacher.model))
     k = resolve_budget(cfg.softmax_layers, n_layers)
     engine = None
+    log = MetricsLog(out, resume=resume)
     probe_variant = cfg.selection.linear_attention or cfg.linear_attention
     if isinstance(cfg.softmax_layers, list):
         selection = _explicit_selection(cfg.softmax_layers, n_layers)
     else:
         engine = SelectionEngine(teacher=teacher.model, data=data, cfg=cfg.selection, distill=cfg.distill, variant=probe_variant,
                                  pm=pm, device=device, k=k, ckpt_dir=out / "checkpoints" / "selection", seed=cfg.seed, progress=progress,
-                                 dist=par)
-        selection = engine.run()
+                                 dist=par, on_window=_observe_windows(pm, log) if par.is_main else None,
+                                 on_step=_observe(pm, log) if par.is_main else None)
+        try:
+            selection = engine.run()
+        finally:
+            log.close()
     if par.is_main:
         pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])
     faults.kill_point("selection-done")
@@ -227,8 +253,11 @@ def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool
             module.load_state_dict(engine.stage1_modules[i].state_dict())
         final_cfg = attrs.evolve(cfg.distill, stage1_tokens=0)
     distiller = Distiller(teacher=teacher.model, data=data, cfg=final_cfg, device=device, ckpt_dir=out / "checkpoints" / "final",
-                          seed=cfg.seed, progress=progress, on_step=_observe(pm) if par.is_main else None, dist=par)
-    report = distiller.run(student)
+                          seed=cfg.seed, progress=progress, on_step=_observe(pm, log) if par.is_main else None, dist=par)
+    try:
+        report = distiller.run(student)
+    finally:
+        log.close()
     if not par.is_main:
         return None
     save_hybrid(student.cpu(), out / "model", teacher.tokenizer, extra={"selection": selection["components"], "scores": selection["scores"]})

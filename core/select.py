@@ -152,7 +152,8 @@ class SelectionEngine:
     ckpt_dir: Path | None = None
     seed: int = 0
     progress: bool = True
-    on_window: Any = None
+    on_window: Any = None  # called with each evaluation window's trajectory record
+    on_step: Any = None  # (stage, step, tokens, metrics) after each step of the shared stage 1
     stage1_from: Any = None  # (modules, tokens) of a stage-1 pass already run on this teacher, data and seed
     dist: Any = None  # hybridize.distributed.Dist: probes fan out over its ranks, stage 1 runs data parallel
 
@@ -163,7 +164,8 @@ class SelectionEngine:
         self.parts.choice.check(self.n_layers, self.k, self.cfg.selector.name)
         self.par = self.dist or SINGLE
         self.distiller = Distiller(teacher=self.teacher, data=self.data, cfg=self.distill, device=self.device,
-                                   ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress, dist=self.dist)
+                                   ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress, dist=self.dist,
+                                   on_step=self.on_step)
         self._ckpts = ProbeCheckpoints(self.ckpt_dir, self.par) if self.ckpt_dir is not None else None
         self.stage1_modules: dict[int, nn.Module] = {}
         self.stage1_shared = False

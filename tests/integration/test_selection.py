@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -117,6 +118,14 @@ def test_cli_run_end_to_end(tmp_path, corpus, capsys):
     for name in ("scores.png", "jaccard.png", "distill.png", "model/config.json"):
         assert (out / name).exists(), name
     assert "selected softmax layers" in capsys.readouterr().out
+    # the live log: shared stage 1, one line per selection window, the final stage 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in lines]
+    assert stages == sorted(stages, key=["stage1", "selection", "stage2"].index)
+    windows = [r for r in lines if r["stage"] == "selection"]
+    assert [w["top_k"] for w in windows] == [t["top_k"] for t in result["selection"]["trajectory"]]
+    assert stages.count("stage2") == 4 and all(math.isfinite(r["loss"]) for r in lines if r["stage"] == "stage2")
+    assert all(r["wall"] >= 0 for r in lines)
 
 
 def test_probe_groups_give_the_same_scores(data):

@@ -68,3 +68,30 @@ def test_impl_with_unknown_argument_is_rejected(hybridize_bare_pm):
 
     with pytest.raises(pluggy.PluginValidationError, match="lossy"):
         hybridize_bare_pm.register(Bad())
+
+
+def test_pipeline_reports_steps_and_windows_to_log_and_hooks(recorder, tmp_path):
+    """Steps and selection windows reach OUT/metrics.jsonl and hybridize_step_end (probes as "probe:<layer>")."""
+    import json
+
+    from hybridize.outputs import MetricsLog
+    from hybridize.pipeline import _observe, _observe_windows
+
+    pm, rec = recorder
+    log = MetricsLog(tmp_path, resume=False)
+    assert not (tmp_path / "metrics.jsonl").exists()  # created by the first line, not before
+    _observe(pm, log)("stage2", 3, 96, {"loss": 0.5, "lr": 1e-3})
+    _observe_windows(pm, log)({"step": 4, "tokens_per_probe": 128, "top_k": [1], "jaccard_prev": 1.0,
+                               "raw": {0: 0.3, 1: 0.1}, "importance": {0: -0.3, 1: -0.1}})
+    log.close()
+    assert rec.calls == [("step_end", "stage2", {"loss": 0.5, "lr": 1e-3}),
+                         ("step_end", "probe:0", {"score": 0.3, "importance": -0.3}),
+                         ("step_end", "probe:1", {"score": 0.1, "importance": -0.1})]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in lines] == ["stage2", "selection"] and lines[0]["loss"] == 0.5 and lines[1]["top_k"] == [1]
+    resumed = MetricsLog(tmp_path, resume=True)
+    resumed.write({"stage": "stage2", "step": 3, "tokens": 96, "loss": 0.4})
+    resumed.write({"stage": "stage2", "step": 4, "tokens": 128, "loss": 0.3})
+    resumed.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("event") for x in lines[2:]] == ["resume", None, None]
