@@ -203,7 +203,10 @@ def plot_scores(selection: dict[str, Any], path: Path, title: str, raw_label: st
 
     handles = [Patch(color="tab:red", label=f"kept softmax (top {len(chosen)}: {sorted(chosen)})"),
                Patch(color="tab:blue", label="linear attention")]
-    ax.legend(handles=handles, fontsize=8)
+    ax.legend(handles=handles, fontsize=8, ncol=2, loc="upper left")
+    top = max(raw.values(), default=0.0)
+    if top > 0:  # head-room so the legend sits above the bars
+        ax.set_ylim(top=top * 1.22)
     imp = {int(k): v for k, v in selection["scores"].items()}
     if selection["raw_scores"] and len(layers) > 1:
         lo, hi = min(layers, key=raw.get), max(layers, key=raw.get)
@@ -213,10 +216,13 @@ def plot_scores(selection: dict[str, Any], path: Path, title: str, raw_label: st
     traj = [w for w in selection["trajectory"] if w["raw"]]
     if len(traj) > 1:
         xs = [w["tokens_per_probe"] for w in traj]
+        ends = {}
         for l in layers:
-            ax2.plot(xs, [w["raw"][str(l)] if str(l) in w["raw"] else w["raw"].get(l) for w in traj],
-                     color="tab:red" if l in chosen else "tab:blue", alpha=0.9 if l in chosen else 0.5, lw=1.2)
-            ax2.annotate(str(l), (xs[-1], traj[-1]["raw"].get(str(l), traj[-1]["raw"].get(l))), fontsize=7)
+            ys = [w["raw"][str(l)] if str(l) in w["raw"] else w["raw"].get(l) for w in traj]
+            ax2.plot(xs, ys, color="tab:red" if l in chosen else "tab:blue", alpha=0.9 if l in chosen else 0.5, lw=1.2)
+            if ys[-1] is not None:
+                ends[l] = ys[-1]
+        _label_line_ends(ax2, xs[-1], ends, chosen)
         if selection.get("stop_step") is not None:
             ax2.axvline(xs[-1], color="black", ls="--", lw=0.8, label="stopped")
             ax2.legend(fontsize=8)
@@ -232,6 +238,25 @@ def plot_scores(selection: dict[str, Any], path: Path, title: str, raw_label: st
     _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def _label_line_ends(ax: Any, x: float, ends: dict[int, float], chosen: set[int]) -> None:
+    """Name each line at its right end, pushing labels apart so near-equal ends stay readable."""
+    if not ends:
+        return
+    lo, hi = ax.get_ylim()
+    gap = 0.045 * (hi - lo)
+    placed: list[tuple[int, float]] = []
+    for layer, y in sorted(ends.items(), key=lambda kv: kv[1]):
+        y_text = max(y, placed[-1][1] + gap) if placed else y
+        placed.append((layer, y_text))
+    shift = max(0.0, placed[-1][1] - hi + gap / 2)  # keep the stack inside the axes
+    x0, x1 = ax.get_xlim()
+    for layer, y_text in placed:
+        ax.annotate(f"L{layer}", xy=(x, ends[layer]), xytext=(x + 0.02 * (x1 - x0), y_text - shift), fontsize=7,
+                    va="center", color="tab:red" if layer in chosen else "tab:blue",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
+    ax.set_xlim(x0, x1 + 0.09 * (x1 - x0))
 
 
 def plot_jaccard(selection: dict[str, Any], path: Path, title: str, windows: int = 10, threshold: float | None = 0.9) -> Path:
