@@ -8,12 +8,19 @@ length and mask sizes are right whichever layer is asked.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from hybridize.errors import HybridizeError
+
+#: The names transformers has given the cache argument of model / layer / attention ``forward``:
+#: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (the old name a deprecated alias until 5.40).
+CACHE_ARG_NAMES = ("cache", "past_key_values")
 
 State = dict[str, torch.Tensor]
 
@@ -75,6 +82,19 @@ class HybridCache(DynamicCache):
         linear = set(linear_layers)
         layers = [LinearStateLayer() if i in linear else DynamicLayer() for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
+        self.past_tokens = 0  # tokens cached before the current forward (set by begin_forward)
+
+    def begin_forward(self) -> None:
+        """Note how many tokens the cache holds before a forward (the backbone's pre-hook calls it).
+
+        A linear layer that finds no state of its own while ``past_tokens > 0`` is being asked to
+        continue a sequence it never saw, and raises instead of silently starting afresh.
+        """
+        self.past_tokens = max((layer.get_seq_length() for layer in self.layers), default=0)
+
+    def past_tokens_of(self, layer_idx: int) -> int:
+        """Tokens this cache holds from before the current forward, as far as ``layer_idx`` can tell."""
+        return max(self.past_tokens, self._linear_layer(layer_idx).seen)
 
     def get_linear_state(self, layer_idx: int) -> State | None:
         """The state of a linear layer after the tokens seen so far (None before the first)."""
@@ -92,3 +112,96 @@ class HybridCache(DynamicCache):
         if not isinstance(layer, LinearStateLayer):
             raise HybridizeError(f"layer {layer_idx} is a softmax layer in this cache, not a linear one")
         return layer
+
+
+# -- the cache argument across transformers versions ----------------------------------------------
+@functools.cache
+def cache_arg_name(forward: Callable[..., Any]) -> str:
+    """The name ``forward`` takes its cache under (``cache`` on transformers >= 5.24, else ``past_key_values``)."""
+    params = inspect.signature(forward).parameters
+    for name in CACHE_ARG_NAMES:
+        if name in params:
+            return name
+    raise HybridizeError(
+        f"{getattr(forward, '__qualname__', forward)} takes its cache under none of {CACHE_ARG_NAMES}: "
+        "this transformers release is not supported by hybridize (see the README's tested range)"
+    )
+
+
+@functools.cache
+def cache_arg_position(forward: Callable[..., Any]) -> int:
+    """Position of the cache among ``forward``'s arguments after ``self``."""
+    names = [n for n in inspect.signature(forward).parameters if n != "self"]
+    return names.index(cache_arg_name(forward))
+
+
+def guard_backbone_cache(backbone: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Forward pre-hook of a hybrid's decoder backbone: give it a :class:`HybridCache`, refuse any other.
+
+    Called with the backbone's arguments before its ``forward``: takes the cache under either name
+    (or positionally), makes a HybridCache when ``use_cache`` is on and none was given (a plain
+    transformers backbone would make a ``DynamicCache``, which holds no recurrent state), and
+    passes it on under the name this transformers release uses.
+    """
+    from hybridize.linear import LinearAttention
+
+    layers = list(backbone.layers)
+    linear = [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, LinearAttention)]
+    if not linear:
+        return None
+    forward = type(backbone).forward
+    name, pos = cache_arg_name(forward), cache_arg_position(forward)
+    args, kwargs = list(args), dict(kwargs)
+    where = f"{type(backbone).__name__}.forward"
+    cache = pop_cache(where, kwargs)
+    if len(args) > pos and args[pos] is not None:
+        if cache is not None and cache is not args[pos]:
+            raise HybridizeError(f"{where} got two different caches (positional and {name!r}); pass one")
+        cache = args[pos]
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(backbone.config, "use_cache", False)
+    if cache is None and use_cache:
+        cache = HybridCache(len(layers), linear)
+    check_hybrid_cache(cache, f"this hybrid ({type(backbone).__name__})")
+    if cache is not None:
+        if hasattr(cache, "begin_forward"):
+            cache.begin_forward()
+        if len(args) > pos:
+            args[pos] = cache
+        else:
+            kwargs[name] = cache
+    return tuple(args), kwargs
+
+
+def pop_cache(layer: str, kwargs: dict[str, Any]) -> Any:
+    """Take the cache out of a call's keyword arguments, under whichever name it came.
+
+    Any other keyword argument holding a ``transformers`` ``Cache`` is an error: a cache under a
+    name this code does not know would otherwise be ignored, and a linear layer would decode
+    without its recurrent state (what transformers 5.24's rename did to earlier versions).
+
+    Raises:
+        HybridizeError: two different caches, or a cache under an unknown argument name.
+    """
+    given = {n: kwargs.pop(n) for n in CACHE_ARG_NAMES if kwargs.get(n) is not None}
+    caches = list({id(c): c for c in given.values()}.values())
+    if len(caches) > 1:
+        raise HybridizeError(f"{layer} got two different caches ({', '.join(given)}); pass one")
+    stray = [n for n, v in kwargs.items() if isinstance(v, Cache)]
+    if stray:
+        raise HybridizeError(
+            f"{layer} got a {type(kwargs[stray[0]]).__name__} as argument {stray[0]!r}, a cache name hybridize does "
+            f"not know (it knows {', '.join(CACHE_ARG_NAMES)}); this transformers release is not supported"
+        )
+    return caches[0] if caches else None
+
+
+def check_hybrid_cache(cache: Any, where: str) -> None:
+    """Refuse a cache that has no place for recurrent state (e.g. a plain ``DynamicCache``)."""
+    if cache is not None and not hasattr(cache, "get_linear_state"):
+        raise HybridizeError(
+            f"{where} has linear-attention layers but got a {type(cache).__name__}, which has no recurrent state; "
+            "pass hybridize's HybridCache (HybridCache(num_layers, linear_layers)) or leave the cache out and let "
+            "the hybrid make one (generate() and forward(use_cache=True) do)"
+        )

@@ -4,7 +4,7 @@ A variant is an ``nn.Module`` subclass of :class:`LinearAttention`. The engine b
 converted layer with ``factory(spec, config)``, copies the teacher's weights into it with
 ``load_teacher_weights``, and puts it where the teacher layer's ``self_attn`` was. The base
 class adapts the Hugging Face attention call (``hidden_states, position_embeddings,
-attention_mask, past_key_values, ...``) to the variant's :meth:`LinearAttention.mix`, which is
+attention_mask, cache / past_key_values, ...``) to the variant's :meth:`LinearAttention.mix`, which is
 the only sequence-mixing code a variant writes.
 """
 from __future__ import annotations
@@ -164,28 +164,46 @@ class LinearAttention(nn.Module):
         past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        """Hugging Face attention signature; positions and the 4-D causal mask are not needed."""
+        """Hugging Face attention signature; positions and the 4-D causal mask are not needed.
+
+        The cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier); a
+        ``Cache`` under any other name is refused rather than ignored.
+        """
+        from hybridize.cache import check_hybrid_cache, pop_cache
+
+        where = f"layer {self.layer_idx} ({type(self).__name__})"
+        cache = pop_cache(where, {"past_key_values": past_key_values, **kwargs})
         B, T, _ = hidden_states.shape
         padding_mask = _current_padding_mask(B, T)
-        if past_key_values is None:
+        if cache is None:
             out, _ = self.mix(hidden_states, padding_mask=padding_mask, mode=self._auto_mode(hidden_states))
             return out, None
-        if not hasattr(past_key_values, "get_linear_state"):
+        check_hybrid_cache(cache, where)
+        state = cache.get_linear_state(self.layer_idx)
+        past = cache.past_tokens_of(self.layer_idx) if hasattr(cache, "past_tokens_of") else 0
+        if state is None and past > 0:
             raise HybridizeError(
-                f"layer {self.layer_idx} is linear attention but got a {type(past_key_values).__name__}, which "
-                "has no recurrent state; pass hybridize's HybridCache (model.generate does this for hybrids)"
+                f"{where} is asked to continue a sequence of {past} cached tokens but the cache holds no recurrent "
+                "state for it; it would decode without its past. Pass the cache that the previous forward "
+                "filled (the output's cache), or start again without one"
             )
-        state = past_key_values.get_linear_state(self.layer_idx)
+        out, state = self._mix_cached(hidden_states, state, padding_mask)
+        cache.set_linear_state(self.layer_idx, state, T)
+        return out, None
+
+    def _mix_cached(self, x: torch.Tensor, state: Any, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         from hybridize import decode_graphs
 
-        if decode_graphs.usable(self, hidden_states, state, padding_mask):  # one token on CUDA: replay a CUDA graph
-            out, state = decode_graphs.decode_step(self, hidden_states, state)
+        if decode_graphs.usable(self, x, state, padding_mask):  # one token on CUDA: replay a CUDA graph
+            out, state = decode_graphs.decode_step(self, x, state)
         else:
-            out, state = self.mix(
-                hidden_states, state=state, padding_mask=padding_mask, output_state=True, mode=self._auto_mode(hidden_states)
+            out, state = self.mix(x, state=state, padding_mask=padding_mask, output_state=True, mode=self._auto_mode(x))
+        if not state:
+            raise HybridizeError(
+                f"linear attention {type(self).__name__}.mix returned no state with output_state=True (layer "
+                f"{self.layer_idx}); a variant must return its recurrent state dict so decoding can continue"
             )
-        past_key_values.set_linear_state(self.layer_idx, state, T)
-        return out, None
+        return out, state
 
     def _auto_mode(self, x: torch.Tensor) -> Mode:
         # fla's advice: fused-recurrent kernels for short decode steps at inference; on CPU the

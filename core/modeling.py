@@ -38,20 +38,21 @@ class HybridMixin:
         linear = [i for i, l in enumerate(layers) if isinstance(l.self_attn, LinearAttention)]
         return HybridCache(len(layers), linear)
 
-    def forward(self, *args: Any, past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> Any:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = self._hybrid_cache()
-        return super().forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        from hybridize.cache import cache_arg_name, check_hybrid_cache, pop_cache
+
+        name = cache_arg_name(type(self).forward)
+        cache = pop_cache(f"{type(self).__name__}.generate", model_kwargs)
+        check_hybrid_cache(cache, f"{type(self).__name__}.generate")
+        if cache is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic"):
                 raise HybridizeError(
                     f"generation field 'cache_implementation' must be 'dynamic' for a hybrid; "
                     f"got {generation_config.cache_implementation!r}"
                 )
-            model_kwargs["past_key_values"] = self._hybrid_cache()
+            cache = self._hybrid_cache()
+        if cache is not None:
+            model_kwargs[name] = cache
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 

@@ -157,16 +157,24 @@ def _reset_padding_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[s
 
 
 def install_padding_hook(model: nn.Module) -> None:
-    """Let linear layers see the 2-D ``attention_mask`` of each forward (idempotent).
+    """Install the hybrid's hooks on its decoder backbone (``model.model``); idempotent.
 
-    A forward pre-hook on the decoder backbone (``model.model``) sets
-    :data:`hybridize.linear.PADDING_MASK` from the ``attention_mask`` argument (None unless it
-    is 2-D), and a forward hook restores the previous value afterwards, also when the forward
-    raises. Call it again on hybrids loaded from disk.
+    - A forward pre-hook sets :data:`hybridize.linear.PADDING_MASK` from the ``attention_mask``
+      argument (None unless it is 2-D), and a forward hook restores the previous value
+      afterwards, also when the forward raises, so linear layers see the padding.
+    - A forward pre-hook (:func:`hybridize.cache.guard_backbone_cache`) gives the backbone a
+      :class:`~hybridize.cache.HybridCache` when ``use_cache`` is on and refuses a cache without
+      recurrent state, under either name transformers uses for the argument; so the base model
+      alone (what ``AutoModel`` returns) decodes like the whole hybrid.
+
+    Call it again on hybrids loaded from disk.
     """
+    from hybridize.cache import guard_backbone_cache
+
     backbone = model.model
     if _set_padding_mask in backbone._forward_pre_hooks.values():
         return
+    backbone.register_forward_pre_hook(guard_backbone_cache, with_kwargs=True)
     backbone.register_forward_pre_hook(_set_padding_mask, with_kwargs=True)
     backbone.register_forward_hook(_reset_padding_mask, with_kwargs=True, always_call=True)
 
