@@ -29,6 +29,8 @@ import torch
 
 import perf_common as pc
 
+from hybridize.cache import cache_arg_name
+
 
 def cache_bytes(cache: Any) -> int:
     """Bytes held by a cache: keys/values of softmax layers, state tensors of linear layers."""
@@ -60,13 +62,14 @@ def decode(model: Any, ids: torch.Tensor, new_tokens: int, warm_tokens: int, dev
     weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     pc.reset_peak(device)
     cache = new_cache(model)
-    t_pre, out = pc.timed(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1), device)
+    CACHE = cache_arg_name(type(model.model).forward)  # 'cache' on transformers >= 5.24
+    t_pre, out = pc.timed(lambda: model(input_ids=ids, **{CACHE: cache}, use_cache=True, logits_to_keep=1), device)
     nxt = out.logits[:, -1:].argmax(-1)
 
     def steps(n: int) -> torch.Tensor:
         tok = nxt
         for _ in range(n):
-            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=tok, **{CACHE: cache}, use_cache=True).logits[:, -1:].argmax(-1)
         return tok
 
     nxt = steps(warm_tokens)

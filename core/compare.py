@@ -445,7 +445,7 @@ class _Comparison:
 
     def _final(self, cfg: RunConfig, fv: ComponentRef, layers: list[int]) -> dict[str, Any]:
         """The final hybrid of variant ``fv`` at ``layers`` (shared by every selection that picks them), evaluated."""
-        from hybridize.evaluate import EvalTarget, run_evaluators
+        from hybridize.evaluate import EvalTarget, merge_metrics, run_evaluators
         from hybridize.modeling import save_hybrid
 
         fvl, key = label(fv), (label(fv), tuple(layers))
@@ -463,8 +463,8 @@ class _Comparison:
         target = EvalTarget(model=student, tokenizer=self.teacher.tokenizer, label=f"{fvl} {layers}", teacher=self.teacher.model,
                             heldout=self.data.heldout, progress=self.progress)
         evals = run_evaluators(cfg.evaluators, target, self.pm) if cfg.evaluators else {"metrics": {}, "evals": []}
-        metrics = {k_: v for k_, v in report["metrics"].items() if k_ in ("heldout_kl", "student_ppl")}
-        metrics.update(evals["metrics"])
+        own = {k_: v for k_, v in report["metrics"].items() if k_ in ("heldout_kl", "student_ppl", "teacher_ppl")}
+        metrics = {k_: v for k_, v in merge_metrics(own, evals["evals"]).items() if k_ != "teacher_ppl"}
         self.final_cache[key] = {"metrics": metrics, "stage2_tokens": report["tokens"]["stage2"] + report["tokens"]["stage3"],
                                  "evals": evals["evals"], "teacher_ppl": report["metrics"].get("teacher_ppl")}
         self.spent["final_distill"] += self.final_cache[key]["stage2_tokens"]

@@ -80,6 +80,25 @@ def parse_evaluators(value: Any, pm: Any, *, where: str = "run field 'evaluators
     return refs, problems
 
 
+def merge_metrics(own: dict[str, Any], evals: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A run's own metrics plus each evaluator's, one name one meaning.
+
+    An evaluator metric whose name the run already uses for its own measurement (``heldout_kl``,
+    ``student_ppl``, ``teacher_ppl``: the ``heldout-kl`` evaluator measures them on its own blocks)
+    is recorded as ``<evaluator>/<metric>`` instead of replacing the run's value; every other
+    evaluator metric (an lm-eval task, ``perplexity``) keeps its plain name.
+
+    Args:
+        own: the run's metrics (never modified).
+        evals: :func:`run_evaluators`' ``evals`` list.
+    """
+    merged = dict(own)
+    for ev in evals:
+        for key, value in ev["metrics"].items():
+            merged[f"{ev['name']}/{key}" if key in own else key] = value
+    return merged
+
+
 def run_evaluators(refs: Sequence[ComponentRef], target: EvalTarget, pm: Any) -> dict[str, Any]:
     """Build and run each evaluator; returns ``{"metrics": {...}, "evals": [{name, metrics, details, seconds}]}``."""
     import torch

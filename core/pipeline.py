@@ -53,16 +53,17 @@ def _observe_windows(pm: Any, log: MetricsLog) -> Any:
 
 
 def _evaluate(cfg: RunConfig, pm: Any, result: dict[str, Any], student: Any, teacher: Any, data: Any, device: torch.device, progress: bool) -> None:
-    """Run the config's evaluators on the final hybrid: their metrics join ``result["metrics"]``, details go to ``result["evals"]``."""
+    """Run the config's evaluators on the final hybrid: their metrics join ``result["metrics"]`` (see
+    :func:`hybridize.evaluate.merge_metrics`), details go to ``result["evals"]``."""
     if not cfg.evaluators:
         return
-    from hybridize.evaluate import EvalTarget, run_evaluators
+    from hybridize.evaluate import EvalTarget, merge_metrics, run_evaluators
 
     target = EvalTarget(model=student.to(device), tokenizer=teacher.tokenizer, label="hybrid", teacher=teacher.model,
                         heldout=data.heldout, progress=progress)
     out = run_evaluators(cfg.evaluators, target, pm)
     student.cpu()
-    result["metrics"].update(out["metrics"])
+    result["metrics"] = merge_metrics(result["metrics"], out["evals"])
     result["evals"] = out["evals"]
 
 

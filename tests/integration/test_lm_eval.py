@@ -150,12 +150,18 @@ def test_distill_runs_config_evaluators(tmp_path, corpus, swde_file):
     cfg = {"teacher": str(teacher), "data": {"train": str(corpus), "seq_len": 32}, "linear_attention": {"name": "gdn"},
            "softmax_layers": [1], "distill": {"stage1_tokens": 256, "stage2_tokens": 256, "batch_size": 4, "eval_blocks": 2},
            "evaluators": [{"name": "perplexity", "blocks": 2},
-                          {"name": "lm-eval", "tasks": ["swde"], "swde_data": str(swde_file), "limit": 2, "batch_size": 2}]}
+                          {"name": "lm-eval", "tasks": ["swde"], "swde_data": str(swde_file), "limit": 2, "batch_size": 2},
+                          {"name": "heldout-kl", "blocks": 1}]}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["distill", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert {"heldout_kl", "perplexity", "swde"} <= set(result["metrics"])
-    assert [e["name"] for e in result["evals"]] == ["perplexity", "lm-eval"]
+    m = result["metrics"]
+    assert {"heldout_kl", "perplexity", "swde"} <= set(m)
+    assert [e["name"] for e in result["evals"]] == ["perplexity", "lm-eval", "heldout-kl"]
+    # one name, one meaning: the run's own held-out KL (2 blocks) is not replaced by the evaluator's (1 block)
+    ev = result["evals"][2]["metrics"]
+    assert m["heldout-kl/heldout_kl"] == ev["heldout_kl"] and m["heldout-kl/student_ppl"] == ev["student_ppl"]
+    assert m["heldout_kl"] == m["heldout_kl_after_stage2"] != ev["heldout_kl"]
     assert result["config"]["evaluators"][1]["tasks"] == ["swde"]
 
 

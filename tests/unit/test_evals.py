@@ -123,3 +123,15 @@ def test_markdown_table_one_column_per_model():
     table = markdown_table({"teacher": a, "hybrid": b})
     assert table.splitlines()[0] == "| metric | teacher | hybrid | samples |"
     assert "| niah_single_1 | 0.5 | 0.05 | 20 |" in table and "| perplexity | 4.25 |  |  |" in table
+
+
+def test_merge_metrics_keeps_the_runs_own_measurement():
+    from hybridize.evaluate import merge_metrics
+
+    own = {"heldout_kl": 0.2322, "student_ppl": 10.8, "teacher_ppl": 10.6}
+    evals = [{"name": "heldout-kl", "metrics": {"heldout_kl": 0.2166, "student_ppl": 11.0, "teacher_ppl": 10.7}},
+             {"name": "lm-eval", "metrics": {"niah_single_1": 0.5}}]
+    merged = merge_metrics(own, evals)
+    assert merged == {**own, "heldout-kl/heldout_kl": 0.2166, "heldout-kl/student_ppl": 11.0,
+                      "heldout-kl/teacher_ppl": 10.7, "niah_single_1": 0.5}
+    assert own == {"heldout_kl": 0.2322, "student_ppl": 10.8, "teacher_ppl": 10.6}  # not modified
