@@ -1,6 +1,9 @@
 """Greedy generation of a saved hybrid with and without the cache, single prompts and a left-padded batch.
 
     python bench/generate_check.py runs/stories260k_gdn/model --out bench/results/generate_check.json
+
+Run it under each end of the transformers range the project admits (pyproject.toml); the JSON records
+the version it ran under.
 """
 from __future__ import annotations
 
@@ -39,12 +42,18 @@ def main() -> None:
             rows.append({"prompt": prompt, "text": tok.decode(cached, skip_special_tokens=True),
                          "cache_equals_no_cache": bool(torch.equal(cached, uncached)),
                          "batched_equals_single": bool(torch.equal(batched[i][: len(cached)], cached))})
+    import transformers
+
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{type(model).__name__}, softmax layers {model.config.hybridize['softmax_layers']}, {model.config.hybridize['variant']}")
     for r in rows:
         print(f"- {r['prompt']!r} -> {r['text']!r}\n  cache == no cache: {r['cache_equals_no_cache']}; left-padded batch == single: {r['batched_equals_single']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        payload = {"transformers": transformers.__version__, "torch": torch.__version__, "model": args.model,
+                   "all_cache_equals_no_cache": all(r["cache_equals_no_cache"] for r in rows),
+                   "all_batched_equals_single": all(r["batched_equals_single"] for r in rows), "prompts": rows}
+        Path(args.out).write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

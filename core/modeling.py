@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from hybridize.errors import HybridizeError
 from hybridize.linear import LinearAttention
-from hybridize.teacher import SUPPORTED_ARCHITECTURES, attention_spec, decoder_layers
+from hybridize.teacher import SUPPORTED_ARCHITECTURES, check_supported, decoder_layers, spec_of_attention
 
 PREFIX = "hybridize_"
 
@@ -58,9 +58,13 @@ class HybridMixin:
 
 def _rebuild_linear_layers(model: nn.Module) -> None:
     """Replace the attention of the layers listed in ``config.hybridize`` by empty variant modules."""
+    _rebuild_backbone(model.model, model.config, check_supported(model))
+
+
+def _rebuild_backbone(backbone: nn.Module, config: Any, layout: Any) -> None:
     from hybridize.plugins_manager import get_plugin_manager
 
-    section = getattr(model.config, "hybridize", None) or {}
+    section = getattr(config, "hybridize", None) or {}
     linear = section.get("linear_layers", [])
     if not linear:
         return
@@ -73,43 +77,61 @@ def _rebuild_linear_layers(model: nn.Module) -> None:
             f"this hybrid uses linear attention {name!r} from {plugin.get('distribution')} {plugin.get('version')}, "
             f"which is not installed here ({exc}); install that plugin to load it"
         ) from None
-    config = entry.build_config(section.get("variant_params") or {})
-    layers = decoder_layers(model)
+    variant_config = entry.build_config(section.get("variant_params") or {})
     for i in linear:
-        ref = layers[i].self_attn.o_proj.weight
-        layers[i].self_attn = entry.factory(attention_spec(model, i), config).to(device=ref.device, dtype=ref.dtype)
+        layer = backbone.layers[i]
+        ref = layer.self_attn.o_proj.weight
+        spec = spec_of_attention(layer.self_attn, config, layout, i)
+        layer.self_attn = entry.factory(spec, variant_config).to(device=ref.device, dtype=ref.dtype)
 
 
 @functools.cache
 def hybrid_classes(family: str) -> tuple[type, type]:
     """(config class, model class) of the hybrid of one family, created once."""
-    arch = next(a for a, lay in SUPPORTED_ARCHITECTURES.items() if lay.family == family)
-    base_model = getattr(__import__("transformers", fromlist=[arch]), arch)
+    cfg_cls, model_cls, _ = _hybrid_classes(family)
+    return cfg_cls, model_cls
+
+
+@functools.cache
+def hybrid_base_class(family: str) -> type:
+    """The hybrid's decoder backbone class of one family (what ``AutoModel`` loads from a hybrid directory)."""
+    return _hybrid_classes(family)[2]
+
+
+@functools.cache
+def _hybrid_classes(family: str) -> tuple[type, type, type]:
+    from hybridize.surgery import install_backbone_hooks, install_padding_hook
+
+    arch, layout = next((a, lay) for a, lay in SUPPORTED_ARCHITECTURES.items() if lay.family == family)
+    transformers = __import__("transformers", fromlist=[arch])
+    base_model = getattr(transformers, arch)
     base_config = base_model.config_class
+    backbone_cls = getattr(transformers, arch.replace("ForCausalLM", "Model"))
     cfg_cls = type(f"Hybrid{base_config.__name__}", (base_config,), {"model_type": PREFIX + family})
 
     def __init__(self: Any, config: Any) -> None:
-        from hybridize.surgery import install_padding_hook
-
         base_model.__init__(self, config)
         _rebuild_linear_layers(self)
         install_padding_hook(self)
 
+    def backbone_init(self: Any, config: Any) -> None:
+        backbone_cls.__init__(self, config)
+        _rebuild_backbone(self, config, layout)
+        install_backbone_hooks(self)
+
     model_cls = type(f"Hybrid{arch}", (HybridMixin, base_model), {"config_class": cfg_cls, "__init__": __init__})
-    cfg_cls.__module__ = model_cls.__module__ = __name__
-    return cfg_cls, model_cls
+    base_cls = type(f"Hybrid{backbone_cls.__name__}", (backbone_cls,), {"config_class": cfg_cls, "__init__": backbone_init})
+    cfg_cls.__module__ = model_cls.__module__ = base_cls.__module__ = __name__
+    return cfg_cls, model_cls, base_cls
 
 
 def register_with_transformers() -> None:
     """Register every family's hybrid with AutoConfig / AutoModelForCausalLM (idempotent)."""
     for layout in SUPPORTED_ARCHITECTURES.values():
         cfg_cls, model_cls = hybrid_classes(layout.family)
-        try:
-            AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
-            AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
-        except TypeError:  # older signatures without exist_ok
-            AutoConfig.register(cfg_cls.model_type, cfg_cls)
-            AutoModelForCausalLM.register(cfg_cls, model_cls)
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+        AutoModel.register(cfg_cls, hybrid_base_class(layout.family), exist_ok=True)
 
 
 def as_hybrid(model: PreTrainedModel) -> PreTrainedModel:

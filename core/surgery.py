@@ -169,9 +169,13 @@ def install_padding_hook(model: nn.Module) -> None:
 
     Call it again on hybrids loaded from disk.
     """
+    install_backbone_hooks(model.model)
+
+
+def install_backbone_hooks(backbone: nn.Module) -> None:
+    """:func:`install_padding_hook` on the decoder backbone itself (a hybrid's ``model.model``, or what AutoModel loads)."""
     from hybridize.cache import guard_backbone_cache
 
-    backbone = model.model
     if _set_padding_mask in backbone._forward_pre_hooks.values():
         return
     backbone.register_forward_pre_hook(guard_backbone_cache, with_kwargs=True)

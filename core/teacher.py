@@ -247,8 +247,11 @@ def attention_spec(model: nn.Module, layer_idx: int) -> AttentionSpec:
     ``head_dim`` comes from the config's ``head_dim`` when set (it may differ from
     ``hidden_size // num_attention_heads``, e.g. Qwen3) and is checked against ``q_proj``.
     """
-    layout = check_supported(model)
-    attn, config = _attention(model, layer_idx), model.config
+    return spec_of_attention(_attention(model, layer_idx), model.config, check_supported(model), layer_idx)
+
+
+def spec_of_attention(attn: nn.Module, config: Any, layout: Any, layer_idx: int) -> AttentionSpec:
+    """:func:`attention_spec` of one softmax attention module, given its model's config and family layout."""
     q, k, v, o = (_linear(attn, n, layer_idx) for n in (layout.q_proj, layout.k_proj, layout.v_proj, layout.o_proj))
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

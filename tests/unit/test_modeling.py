@@ -67,3 +67,23 @@ def test_missing_variant_plugin_names_it(tmp_path):
     write_manifest(tmp_path / "m")  # as if saved where that plugin is installed
     with pytest.raises(HybridizeError, match="'fancy-attn' from hybridize-fancy 2.0, which is not installed"):
         load_hybrid(tmp_path / "m")
+
+
+def test_auto_model_loads_the_hybrid_backbone_and_decodes_with_its_cache(tmp_path):
+    from transformers import AutoModel
+
+    from hybridize.cache import HybridCache, cache_arg_name
+
+    student = build_student(tiny_model("llama", n_layer=3), [1], "gdn").eval()
+    save_hybrid(student, tmp_path / "m")
+    base = AutoModel.from_pretrained(tmp_path / "m").eval()
+    assert type(base).__name__ == "HybridLlamaModel"
+    ids = torch.randint(3, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    name = cache_arg_name(type(base).forward)
+    with torch.no_grad():
+        full = base(ids).last_hidden_state
+        torch.testing.assert_close(full, student.model(ids).last_hidden_state)
+        first = base(ids[:, :6])  # config.use_cache: the backbone makes a HybridCache, as the teacher's makes a DynamicCache
+        assert isinstance(getattr(first, name), HybridCache)
+        step = base(ids[:, 6:], **{name: getattr(first, name)}).last_hidden_state
+    torch.testing.assert_close(step[:, -1], full[:, -1])

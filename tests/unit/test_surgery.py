@@ -281,4 +281,5 @@ def test_install_padding_hook_is_idempotent(toy_pm):
     student = build_student(tiny_model(n_layer=1), [], TOY, pm=toy_pm)
     install_padding_hook(student)
     install_padding_hook(student)
-    assert len(student.model._forward_pre_hooks) == 1 and len(student.model._forward_hooks) == 1
+    # two pre-hooks (the cache guard, the padding mask) and one hook, however often it is called
+    assert len(student.model._forward_pre_hooks) == 2 and len(student.model._forward_hooks) == 1
