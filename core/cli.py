@@ -159,10 +159,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _eval_refs(args: argparse.Namespace) -> list[Any]:
     """Evaluator refs from `hybridize eval` flags: --tasks becomes one lm-eval evaluator, --evaluator adds any other."""
-    import yaml
-
     from hybridize.config import ComponentRef
     from hybridize.errors import ConfigError
+    from hybridize.yamlio import parse_yaml
 
     refs = []
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
@@ -173,7 +172,7 @@ def _eval_refs(args: argparse.Namespace) -> list[Any]:
                 params[key] = value
         refs.append(ComponentRef(name="lm-eval", params=params))
     for raw in args.evaluator:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw, source=f"--evaluator {raw!r}")
         refs.append(ComponentRef.parse(value, where=f"--evaluator {raw!r}"))
     if not refs:
         raise ConfigError("hybridize eval needs --tasks (lm-eval task names, e.g. niah_single_1,swde) or --evaluator '{name: perplexity, data: FILE}'")
@@ -182,6 +181,7 @@ def _eval_refs(args: argparse.Namespace) -> list[Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved hybrid (or a plain HF teacher directory) with lm-eval tasks and other evaluators."""
+    from hybridize.devices import device_problem
     from hybridize.evaluate import load_for_eval, markdown_table, parse_evaluators, run_evaluators
     from hybridize.errors import ConfigError
     from hybridize.outputs import write_json
@@ -190,8 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
     refs, problems = parse_evaluators([{"name": r.name, **r.params} for r in _eval_refs(args)], pm, where="hybridize eval")
-    if problems:
-        raise ConfigError(problems)
+    device = device_problem(args.device, field="--device", fix="pass --device {suggest} or auto")
+    if problems or device:
+        raise ConfigError(problems + ([device] if device else []))
     target = load_for_eval(args.dir, device=str(resolve_device(args.device)))
     target.progress = not args.quiet
     result = run_evaluators(refs, target, pm)

@@ -1,7 +1,9 @@
 """Component configs: attrs classes built from user params, with one clear error per bad field."""
 from __future__ import annotations
 
+import decimal
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -36,19 +38,61 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, coerced value) for the simple types configs use."""
+#: a number as people write it: 4e6, 4e+6, 1_000_000, 1e-3, .5 (YAML 1.1 reads some of these as strings)
+_NUMBER = re.compile(r"[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][-+]?\d+)?")
+
+
+def _as_int(value: Any) -> tuple[bool, Any]:
+    """An int, a whole float (``4e6`` read as 4000000.0) or a number string that is whole."""
+    if isinstance(value, bool):
+        return False, value
+    if isinstance(value, int):
+        return True, value
+    if isinstance(value, float):
+        return (True, int(value)) if value.is_integer() else (False, value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = decimal.Decimal(value.strip().replace("_", ""))
+        if number.adjusted() > 100:  # no int of a googol digits from a typo
+            return False, value
+        return (True, int(number)) if number == number.to_integral_value() else (False, value)
+    return False, value
+
+
+def _as_float(value: Any) -> tuple[bool, Any]:
+    """An int or float, or a number string such as ``1e-3``."""
+    if isinstance(value, bool):
+        return False, value
+    if isinstance(value, (int, float)):
+        return True, float(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return True, float(value.strip().replace("_", ""))
+    return False, value
+
+
+def _check_union(value: Any, arms: tuple[Any, ...]) -> tuple[bool, Any]:
+    """The first arm that takes the value as it is wins; only then may an arm convert it (``"1e3"`` stays a str)."""
+    if value is None and type(None) in arms:
+        return True, None
+    for arm in arms:
+        if arm is not type(None) and check_type(value, arm, convert=False)[0]:
+            return check_type(value, arm)
+    for arm in arms:
+        ok, coerced = check_type(value, arm) if arm is not type(None) else (False, value)
+        if ok:
+            return True, coerced
+    return False, value
+
+
+def check_type(value: Any, tp: Any, *, convert: bool = True) -> tuple[bool, Any]:
+    """Return (ok, coerced value) for the simple types configs use.
+
+    ``convert`` allows the number forms people write (``4e6`` for an int, ``"1e-3"`` for a float).
+    """
     if tp is Any or tp is None:
         return True, value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return True, None
-            ok, coerced = _check_type(value, arm)
-            if ok:
-                return True, coerced
-        return False, value
+        return _check_union(value, typing.get_args(tp))
     if origin is typing.Literal:
         return value in typing.get_args(tp), value
     if origin in (list, tuple, set, frozenset):
@@ -57,7 +101,7 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         out = []
         for item in value:
-            ok, coerced = _check_type(item, args[0]) if args else (True, item)
+            ok, coerced = check_type(item, args[0], convert=convert) if args else (True, item)
             if not ok:
                 return False, value
             out.append(coerced)
@@ -67,10 +111,9 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return _as_int(value) if convert else (isinstance(value, int) and not isinstance(value, bool), value)
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        return _as_float(value) if convert else (isinstance(value, (int, float)) and not isinstance(value, bool), value)
     if isinstance(tp, type):
         return isinstance(value, tp), value
     return True, value
@@ -99,7 +142,7 @@ def build_config(config_cls: type, params: Mapping[str, Any] | None, *, context:
         if fields[key].converter is not None:  # the field converts (and checks) its own input
             clean[key] = value
             continue
-        ok, coerced = _check_type(value, fields[key].type)
+        ok, coerced = check_type(value, fields[key].type)
         if not ok:
             problems.append(f"{context} field {key!r} must be {_type_name(fields[key].type)}; got {value!r}")
         clean[key] = coerced
