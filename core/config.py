@@ -6,7 +6,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -155,17 +155,104 @@ def build_config(config_cls: type, params: Mapping[str, Any] | None, *, context:
     except ConfigError as exc:
         raise ConfigError([f"{context}: {p}" for p in exc.problems]) from exc
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{context} {_validator_message(exc)}") from exc
+        problems = _validator_problems(config_cls, clean, context) or [f"{context} {_reword(str(exc))}"]
+        raise ConfigError(problems) from exc
 
 
-def _validator_message(exc: Exception) -> str:
-    """Reword attrs validator errors as ``field 'x' must ...; got ...``."""
-    msg = str(exc)
-    # attrs: "'conv_size' must be >= 1: 0"
+def _validator_problems(config_cls: type, clean: Mapping[str, Any], context: str) -> list[str]:
+    """Run every field's validator on its own, so that all the bad fields are reported, each on one line."""
+    try:
+        with attrs.validators.disabled():
+            inst = config_cls(**clean)
+    except Exception:  # noqa: BLE001 - __attrs_post_init__ failed: the caller reports that error
+        return []
+    problems = []
+    for field in attrs.fields(config_cls):
+        if field.validator is None:
+            continue
+        value = getattr(inst, field.name)
+        try:
+            field.validator(inst, field, value)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{context} {_validator_message(exc, field, value)}")
+    return problems
+
+
+#: attrs' ge/gt/le/lt: "'conv_size' must be >= 1: 0"; max_len/min_len: "Length of 'x' must be <= 2: 3"
+_COMPARE = re.compile(r"'(?P<name>[^']+)' must be (?P<rule>[<>]=? .+): (?P<got>.*)", re.S)
+_LENGTH = re.compile(r"Length of '(?P<name>[^']+)' must be (?P<rule>[<>]=? \d+): (?P<got>\d+)")
+
+
+def _options(options: Any) -> str:
+    if isinstance(options, str):
+        return repr(options)
+    items = sorted(options, key=repr) if isinstance(options, (set, frozenset)) else list(options)
+    return ", ".join(repr(o) for o in items)
+
+
+def _rule(exc: Exception) -> tuple[str | None, Any]:
+    """(rule, the value that failed it) from an attrs validator error; rule is None when not recognised.
+
+    The value is the member for ``deep_iterable``; it is the string attrs printed for ge/gt/le/lt.
+    """
+    args, msg = exc.args, str(exc.args[0]) if exc.args else ""
+    if len(args) >= 4 and isinstance(args[1], attrs.Attribute):
+        extra, value = args[2], args[-1]
+        if isinstance(extra, re.Pattern):
+            return f"match the regular expression {extra.pattern!r}", value
+        if isinstance(exc, TypeError) and isinstance(extra, (type, tuple)):
+            kinds = extra if isinstance(extra, tuple) else (extra,)
+            return "be " + " or ".join(getattr(k, "__name__", repr(k)) for k in kinds), value
+        if " must be in " in msg:
+            return f"be one of {_options(extra)}", value
+        return None, value
+    for pattern, verb in ((_COMPARE, "be"), (_LENGTH, "have a length")):
+        match = pattern.fullmatch(msg)
+        if match:
+            return f"{verb} {match['rule']}", _Printed(match["got"])
+    return None, None
+
+
+@attrs.frozen
+class _Printed:
+    """A value as attrs printed it (str(value)), for validators that give no value object."""
+
+    text: str
+
+
+def _is_whole(checked: Any, value: Any) -> bool:
+    return str(value) == checked.text if isinstance(checked, _Printed) else checked is value
+
+
+def _walk(validator: Any) -> Iterator[Any]:
+    """The validator and those it wraps (and_, optional, deep_iterable)."""
+    yield validator
+    for inner in (*getattr(validator, "_validators", ()), getattr(validator, "validator", None)):
+        if inner is not None:
+            yield from _walk(inner)
+
+
+def _validator_message(exc: Exception, field: attrs.Attribute, value: Any) -> str:
+    """Reword an attrs validator error as ``field 'x' must <rule>; got <value!r>``."""
+    rule, checked = _rule(exc)
+    if rule is None:
+        return _reword(str(exc), field.name, value)
+    deep = any(type(v).__name__ == "_DeepIterable" for v in _walk(field.validator))
+    if deep and not _is_whole(checked, value):
+        rule = "hold only items that " + ("are " + rule[3:] if rule.startswith("be ") else rule)
+    elif type(field.validator).__name__ == "_OptionalValidator":
+        rule += " or None" if rule.startswith("be ") else ", or be None"
+    return f"field {field.name!r} must {rule}; got {value!r}"
+
+
+def _reword(msg: str, name: str | None = None, value: Any = attrs.NOTHING) -> str:
+    """A message a validator wrote itself: ``'x' must ...: got`` becomes ``field 'x' must ...; got ...``."""
     if msg.startswith("'") and ": " in msg and " must " in msg:
         head, got = msg.rsplit(": ", 1)
         return f"field {head}; got {got}"
-    return msg
+    if name is None:
+        return msg
+    return f"field {name!r} must pass its validator ({msg.rstrip('.')}); got {value!r}"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
