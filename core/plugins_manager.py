@@ -160,8 +160,8 @@ class HybridizePluginManager(pluggy.PluginManager):
     def _why_missing(self, name: str) -> str:
         """Why a component may be missing: autoload disabled, or a blocked plugin that may provide it."""
         if self.autoload_disabled_by_env:
-            return (f"{ENV_DISABLE_AUTOLOAD} is set, so no plugin was loaded, not even the built-ins; unset it "
-                    f"(unset {ENV_DISABLE_AUTOLOAD}) to use {name!r}")
+            return (f"{ENV_DISABLE_AUTOLOAD} is set, so no plugin was loaded, not even the built-ins; "
+                    f"unset {ENV_DISABLE_AUTOLOAD} to use {name!r}")
         if not self.env_blocked:
             return ""
         likely = [p for p in self.env_blocked if _may_provide(p, name)] or list(self.env_blocked)
