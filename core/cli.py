@@ -64,7 +64,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins, collect_broken=True)
     payload = _plugins_payload(pm)  # builds every registry: a hook that raises is recorded in pm.broken too
-    payload["broken"] = [str(e) for e in pm.broken]
+    payload["broken_plugins"] = [str(e) for e in pm.broken]
     if args.json:
         json.dump(payload, sys.stdout, indent=2, default=str)
         print()

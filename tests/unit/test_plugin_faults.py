@@ -103,7 +103,7 @@ def test_cli_plugins_lists_the_others_and_reports_the_broken(tmp_path, monkeypat
     assert "gdn" in out and "kl-greedy-add" in out and "uniform" in out
     assert err == f"hybridize: error: {expected}\n"
     assert main(["plugins", "--json"]) == 2
-    assert json.loads(capsys.readouterr().out)["broken"] == [expected]
+    assert json.loads(capsys.readouterr().out)["broken_plugins"] == [expected]
     assert main(["--skip-broken-plugins", "plugins"]) == 0
     assert capsys.readouterr().err == f"hybridize: warning: {expected}\n"
 
