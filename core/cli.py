@@ -62,14 +62,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     """List plugins, their versions and hooks, and every registered component by kind."""
     from hybridize.plugins_manager import get_plugin_manager
 
-    pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
-    payload = _plugins_payload(pm)
+    pm = get_plugin_manager(skip_broken=args.skip_broken_plugins, collect_broken=True)
+    payload = _plugins_payload(pm)  # builds every registry: a hook that raises is recorded in pm.broken too
+    payload["broken_plugins"] = [str(e) for e in pm.broken]
     if args.json:
         json.dump(payload, sys.stdout, indent=2, default=str)
         print()
     else:
         _print_plugins(payload)
-    return 0
+    level = "warning" if args.skip_broken_plugins else "error"
+    for err in pm.broken:  # the others are listed above: one broken plugin does not hide them
+        print(f"hybridize: {level}: {err}", file=sys.stderr)
+    return 2 if pm.broken and not args.skip_broken_plugins else 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -159,10 +163,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _eval_refs(args: argparse.Namespace) -> list[Any]:
     """Evaluator refs from `hybridize eval` flags: --tasks becomes one lm-eval evaluator, --evaluator adds any other."""
-    import yaml
-
     from hybridize.config import ComponentRef
     from hybridize.errors import ConfigError
+    from hybridize.yamlio import parse_yaml
 
     refs = []
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
@@ -173,7 +176,7 @@ def _eval_refs(args: argparse.Namespace) -> list[Any]:
                 params[key] = value
         refs.append(ComponentRef(name="lm-eval", params=params))
     for raw in args.evaluator:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw, source=f"--evaluator {raw!r}")
         refs.append(ComponentRef.parse(value, where=f"--evaluator {raw!r}"))
     if not refs:
         raise ConfigError("hybridize eval needs --tasks (lm-eval task names, e.g. niah_single_1,swde) or --evaluator '{name: perplexity, data: FILE}'")
@@ -182,6 +185,7 @@ def _eval_refs(args: argparse.Namespace) -> list[Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved hybrid (or a plain HF teacher directory) with lm-eval tasks and other evaluators."""
+    from hybridize.devices import device_problem
     from hybridize.evaluate import load_for_eval, markdown_table, parse_evaluators, run_evaluators
     from hybridize.errors import ConfigError
     from hybridize.outputs import write_json
@@ -190,8 +194,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
     refs, problems = parse_evaluators([{"name": r.name, **r.params} for r in _eval_refs(args)], pm, where="hybridize eval")
-    if problems:
-        raise ConfigError(problems)
+    device = device_problem(args.device, field="--device", fix="pass --device {suggest} or auto")
+    if problems or device:
+        raise ConfigError(problems + ([device] if device else []))
     target = load_for_eval(args.dir, device=str(resolve_device(args.device)))
     target.progress = not args.quiet
     result = run_evaluators(refs, target, pm)
@@ -322,6 +327,36 @@ def _library_progress(quiet: bool) -> Iterator[None]:
             datasets_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _plugin_warnings(skip_broken: bool) -> Iterator[None]:
+    """``--skip-broken-plugins`` for every plugin manager the command builds (``HYBRIDIZE_SKIP_BROKEN_PLUGINS``),
+    and a skipped plugin shown as one ``hybridize: warning:`` line; both undone afterwards."""
+    import warnings
+
+    from hybridize.errors import PluginLoadWarning
+    from hybridize.plugins_manager import ENV_SKIP_BROKEN
+
+    old_env, old_show = os.environ.get(ENV_SKIP_BROKEN), warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, PluginLoadWarning):
+            print(f"hybridize: warning: {message}", file=sys.stderr)
+        else:
+            old_show(message, category, filename, lineno, file, line)
+
+    if skip_broken:
+        os.environ[ENV_SKIP_BROKEN] = "1"
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old_show
+        if old_env is None:
+            os.environ.pop(ENV_SKIP_BROKEN, None)
+        else:
+            os.environ[ENV_SKIP_BROKEN] = old_env
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hybridize`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -331,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("run", "distill"):
             raise HybridizeError(f"hybridize {args.command} runs on one process; only `run` and `distill` run on several "
                                  "(torchrun or --nproc N)")
-        with _library_progress(getattr(args, "quiet", False)):
+        with _library_progress(getattr(args, "quiet", False)), _plugin_warnings(args.skip_broken_plugins):
             return args.func(args)
     except RemoteError:  # rank 0 failed and printed why
         return 2

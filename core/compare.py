@@ -112,14 +112,11 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path, overrides: Sequence[str] = (), *, pm: Any = None) -> tuple[RunConfig, CompareConfig]:
     """Read a run config with a ``compare`` section; every problem is reported together."""
-    import yaml
-
-    from hybridize.runconfig import apply_overrides, run_config_from_dict
+    from hybridize.runconfig import apply_overrides
+    from hybridize.yamlio import read_yaml_file
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml_file(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of run fields; got {type(tree).__name__}")
     tree = apply_overrides(tree, overrides)

@@ -1,10 +1,12 @@
 """Component configs: attrs classes built from user params, with one clear error per bad field."""
 from __future__ import annotations
 
+import decimal
 import difflib
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -36,19 +38,61 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, coerced value) for the simple types configs use."""
+#: a number as people write it: 4e6, 4e+6, 1_000_000, 1e-3, .5 (YAML 1.1 reads some of these as strings)
+_NUMBER = re.compile(r"[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][-+]?\d+)?")
+
+
+def _as_int(value: Any) -> tuple[bool, Any]:
+    """An int, a whole float (``4e6`` read as 4000000.0) or a number string that is whole."""
+    if isinstance(value, bool):
+        return False, value
+    if isinstance(value, int):
+        return True, value
+    if isinstance(value, float):
+        return (True, int(value)) if value.is_integer() else (False, value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = decimal.Decimal(value.strip().replace("_", ""))
+        if number.adjusted() > 100:  # no int of a googol digits from a typo
+            return False, value
+        return (True, int(number)) if number == number.to_integral_value() else (False, value)
+    return False, value
+
+
+def _as_float(value: Any) -> tuple[bool, Any]:
+    """An int or float, or a number string such as ``1e-3``."""
+    if isinstance(value, bool):
+        return False, value
+    if isinstance(value, (int, float)):
+        return True, float(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return True, float(value.strip().replace("_", ""))
+    return False, value
+
+
+def _check_union(value: Any, arms: tuple[Any, ...]) -> tuple[bool, Any]:
+    """The first arm that takes the value as it is wins; only then may an arm convert it (``"1e3"`` stays a str)."""
+    if value is None and type(None) in arms:
+        return True, None
+    for arm in arms:
+        if arm is not type(None) and check_type(value, arm, convert=False)[0]:
+            return check_type(value, arm)
+    for arm in arms:
+        ok, coerced = check_type(value, arm) if arm is not type(None) else (False, value)
+        if ok:
+            return True, coerced
+    return False, value
+
+
+def check_type(value: Any, tp: Any, *, convert: bool = True) -> tuple[bool, Any]:
+    """Return (ok, coerced value) for the simple types configs use.
+
+    ``convert`` allows the number forms people write (``4e6`` for an int, ``"1e-3"`` for a float).
+    """
     if tp is Any or tp is None:
         return True, value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return True, None
-            ok, coerced = _check_type(value, arm)
-            if ok:
-                return True, coerced
-        return False, value
+        return _check_union(value, typing.get_args(tp))
     if origin is typing.Literal:
         return value in typing.get_args(tp), value
     if origin in (list, tuple, set, frozenset):
@@ -57,7 +101,7 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         out = []
         for item in value:
-            ok, coerced = _check_type(item, args[0]) if args else (True, item)
+            ok, coerced = check_type(item, args[0], convert=convert) if args else (True, item)
             if not ok:
                 return False, value
             out.append(coerced)
@@ -67,10 +111,9 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return _as_int(value) if convert else (isinstance(value, int) and not isinstance(value, bool), value)
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        return _as_float(value) if convert else (isinstance(value, (int, float)) and not isinstance(value, bool), value)
     if isinstance(tp, type):
         return isinstance(value, tp), value
     return True, value
@@ -99,7 +142,7 @@ def build_config(config_cls: type, params: Mapping[str, Any] | None, *, context:
         if fields[key].converter is not None:  # the field converts (and checks) its own input
             clean[key] = value
             continue
-        ok, coerced = _check_type(value, fields[key].type)
+        ok, coerced = check_type(value, fields[key].type)
         if not ok:
             problems.append(f"{context} field {key!r} must be {_type_name(fields[key].type)}; got {value!r}")
         clean[key] = coerced
@@ -112,17 +155,104 @@ def build_config(config_cls: type, params: Mapping[str, Any] | None, *, context:
     except ConfigError as exc:
         raise ConfigError([f"{context}: {p}" for p in exc.problems]) from exc
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{context} {_validator_message(exc)}") from exc
+        problems = _validator_problems(config_cls, clean, context) or [f"{context} {_reword(str(exc))}"]
+        raise ConfigError(problems) from exc
 
 
-def _validator_message(exc: Exception) -> str:
-    """Reword attrs validator errors as ``field 'x' must ...; got ...``."""
-    msg = str(exc)
-    # attrs: "'conv_size' must be >= 1: 0"
+def _validator_problems(config_cls: type, clean: Mapping[str, Any], context: str) -> list[str]:
+    """Run every field's validator on its own, so that all the bad fields are reported, each on one line."""
+    try:
+        with attrs.validators.disabled():
+            inst = config_cls(**clean)
+    except Exception:  # noqa: BLE001 - __attrs_post_init__ failed: the caller reports that error
+        return []
+    problems = []
+    for field in attrs.fields(config_cls):
+        if field.validator is None:
+            continue
+        value = getattr(inst, field.name)
+        try:
+            field.validator(inst, field, value)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{context} {_validator_message(exc, field, value)}")
+    return problems
+
+
+#: attrs' ge/gt/le/lt: "'conv_size' must be >= 1: 0"; max_len/min_len: "Length of 'x' must be <= 2: 3"
+_COMPARE = re.compile(r"'(?P<name>[^']+)' must be (?P<rule>[<>]=? .+): (?P<got>.*)", re.S)
+_LENGTH = re.compile(r"Length of '(?P<name>[^']+)' must be (?P<rule>[<>]=? \d+): (?P<got>\d+)")
+
+
+def _options(options: Any) -> str:
+    if isinstance(options, str):
+        return repr(options)
+    items = sorted(options, key=repr) if isinstance(options, (set, frozenset)) else list(options)
+    return ", ".join(repr(o) for o in items)
+
+
+def _rule(exc: Exception) -> tuple[str | None, Any]:
+    """(rule, the value that failed it) from an attrs validator error; rule is None when not recognised.
+
+    The value is the member for ``deep_iterable``; it is the string attrs printed for ge/gt/le/lt.
+    """
+    args, msg = exc.args, str(exc.args[0]) if exc.args else ""
+    if len(args) >= 4 and isinstance(args[1], attrs.Attribute):
+        extra, value = args[2], args[-1]
+        if isinstance(extra, re.Pattern):
+            return f"match the regular expression {extra.pattern!r}", value
+        if isinstance(exc, TypeError) and isinstance(extra, (type, tuple)):
+            kinds = extra if isinstance(extra, tuple) else (extra,)
+            return "be " + " or ".join(getattr(k, "__name__", repr(k)) for k in kinds), value
+        if " must be in " in msg:
+            return f"be one of {_options(extra)}", value
+        return None, value
+    for pattern, verb in ((_COMPARE, "be"), (_LENGTH, "have a length")):
+        match = pattern.fullmatch(msg)
+        if match:
+            return f"{verb} {match['rule']}", _Printed(match["got"])
+    return None, None
+
+
+@attrs.frozen
+class _Printed:
+    """A value as attrs printed it (str(value)), for validators that give no value object."""
+
+    text: str
+
+
+def _is_whole(checked: Any, value: Any) -> bool:
+    return str(value) == checked.text if isinstance(checked, _Printed) else checked is value
+
+
+def _walk(validator: Any) -> Iterator[Any]:
+    """The validator and those it wraps (and_, optional, deep_iterable)."""
+    yield validator
+    for inner in (*getattr(validator, "_validators", ()), getattr(validator, "validator", None)):
+        if inner is not None:
+            yield from _walk(inner)
+
+
+def _validator_message(exc: Exception, field: attrs.Attribute, value: Any) -> str:
+    """Reword an attrs validator error as ``field 'x' must <rule>; got <value!r>``."""
+    rule, checked = _rule(exc)
+    if rule is None:
+        return _reword(str(exc), field.name, value)
+    deep = any(type(v).__name__ == "_DeepIterable" for v in _walk(field.validator))
+    if deep and not _is_whole(checked, value):
+        rule = "hold only items that " + ("are " + rule[3:] if rule.startswith("be ") else rule)
+    elif type(field.validator).__name__ == "_OptionalValidator":
+        rule += " or None" if rule.startswith("be ") else ", or be None"
+    return f"field {field.name!r} must {rule}; got {value!r}"
+
+
+def _reword(msg: str, name: str | None = None, value: Any = attrs.NOTHING) -> str:
+    """A message a validator wrote itself: ``'x' must ...: got`` becomes ``field 'x' must ...; got ...``."""
     if msg.startswith("'") and ": " in msg and " must " in msg:
         head, got = msg.rsplit(": ", 1)
         return f"field {head}; got {got}"
-    return msg
+    if name is None:
+        return msg
+    return f"field {name!r} must pass its validator ({msg.rstrip('.')}); got {value!r}"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+import pluggy
+
 
 class HybridizeError(Exception):
     """Base class of every error hybridize raises on purpose."""
@@ -32,13 +34,14 @@ class ConfigError(HybridizeError, ValueError):
 class UnknownComponentError(ConfigError, KeyError):
     """A component name that no plugin registered."""
 
-    def __init__(self, kind: str, name: str, available: Iterable[str]):
+    def __init__(self, kind: str, name: str, available: Iterable[str], *, why: str = ""):
         self.kind, self.name = kind, name
         self.available = sorted(available)
         close = difflib.get_close_matches(name, self.available, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         avail = ", ".join(self.available) or "(none registered)"
-        super().__init__(f"Unknown {kind} {name!r}.{hint} Available: {avail}")
+        why = f". {why}" if why else ""  # e.g. an environment variable kept the plugin that provides it from loading
+        super().__init__(f"Unknown {kind} {name!r}.{hint} Available: {avail}{why}")
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.args[0]
@@ -50,6 +53,17 @@ class DuplicateNameError(HybridizeError):
 
 class PluginLoadError(HybridizeError):
     """An entry-point plugin failed to import or to register."""
+
+
+class PluginHookNameError(PluginLoadError, pluggy.PluginValidationError):
+    """A plugin implements a hook that hybridize does not define (a misspelt hook name)."""
+
+    def __init__(self, plugin: object, message: str):
+        pluggy.PluginValidationError.__init__(self, plugin, message)
+
+
+class PluginLoadWarning(UserWarning):
+    """A broken plugin was skipped (``--skip-broken-plugins``)."""
 
 
 class PluginReturnError(HybridizeError):

@@ -72,15 +72,17 @@ class Entry:
 class Registry(Mapping[str, Entry]):
     """Read-only mapping of the components of one kind; unknown names raise with 'did you mean'."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, *, why_missing: Callable[[str], str] | None = None):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._why_missing = why_missing  # name -> why it may be missing ("" when nothing is known)
 
     def __getitem__(self, name: str) -> Entry:
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownComponentError(self.kind.replace("_", " "), name, self._entries) from None
+            why = self._why_missing(name) if self._why_missing else ""
+            raise UnknownComponentError(self.kind.replace("_", " "), name, self._entries, why=why) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -96,6 +98,10 @@ class Registry(Mapping[str, Entry]):
                 f"{entry.origin.describe()}. Rename one, or block a plugin with HYBRIDIZE_BLOCKED_PLUGINS."
             )
         self._entries[entry.name] = entry
+
+    def _drop_plugin(self, plugin: str) -> None:
+        """Forget what one plugin registered (its hook failed half way)."""
+        self._entries = {n: e for n, e in self._entries.items() if e.origin.plugin != plugin}
 
     def make_register(self, *, plugin: str, hook: str, distribution: str | None, version: str | None) -> RegisterCallback:
         """The callback handed to one plugin's registration hook."""

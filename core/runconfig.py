@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
-from hybridize.config import ComponentRef, build_config, config_to_dict
+from hybridize.config import ComponentRef, build_config, check_type, config_to_dict
 from hybridize.data import DataConfig
+from hybridize.devices import device_problem
 from hybridize.distill import DistillConfig
 from hybridize.errors import ConfigError
 from hybridize.select import SelectionConfig
+from hybridize.yamlio import parse_yaml, read_yaml_file
 
 SoftmaxLayers = int | float | list[int]
 
@@ -79,6 +80,14 @@ def _check_softmax_layers(value: Any) -> list[str]:
     return [f"run field 'softmax_layers' must {rule}; got {value!r}"]
 
 
+def _number(value: Any, tp: Any) -> Any:
+    """``value`` as ``tp`` when it is a number written as a string (``4e0``, ``2.5e-1``), else unchanged."""
+    if not isinstance(value, str):
+        return value
+    ok, coerced = check_type(value, tp)
+    return coerced if ok else value
+
+
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``tree['a']['b'] = value`` for ``dotted = 'a.b'`` (creating mappings on the way).
 
@@ -118,7 +127,7 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise ConfigError(f"--set must look like key.path=value; got {item!r}")
         key, raw = item.split("=", 1)
-        set_path(tree, key.strip(), yaml.safe_load(raw))
+        set_path(tree, key.strip(), parse_yaml(raw, source=f"--set {item!r}: the value"))
     return tree
 
 
@@ -151,12 +160,15 @@ def run_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> RunConfi
     if selection is not None:
         _check_selection(selection, pm, problems)
     variant = _variant(tree.get("linear_attention", "gdn"), pm, problems)
-    softmax = tree.get("softmax_layers", 0.25)
+    softmax = _number(tree.get("softmax_layers", 0.25), int | float)
     problems += _check_softmax_layers(softmax)
-    seed = tree.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    ok, seed = check_type(tree.get("seed", 0), int)
+    if not ok:
         problems.append(f"run field 'seed' must be int; got {seed!r}")
     evaluators = _evaluators(tree.get("evaluators"), pm, problems)
+    device = device_problem(tree.get("device", "auto"))
+    if device is not None:
+        problems.append(device)
     if problems:
         raise ConfigError(problems)
     return RunConfig(teacher=tree["teacher"], data=data, linear_attention=variant, softmax_layers=softmax,
@@ -215,9 +227,7 @@ def _variant(value: Any, pm: Any, problems: list[str]) -> ComponentRef | None:
 def load_run_config(path: str | Path, overrides: Sequence[str] = (), *, pm: Any = None) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml_file(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return run_config_from_dict(apply_overrides(tree, overrides), pm=pm)
