@@ -206,3 +206,19 @@ def test_disk_full_while_writing_result_json(files, tmp_path, capsys, monkeypatc
     assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name] and not result.exists()
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert distill(tmp_path, cfg_for(files), capsys, "--resume")[0] == 0 and result.is_file()
+
+
+def test_any_other_os_error_is_one_line(files, tmp_path, capsys, monkeypatch):
+    import hybridize.pipeline as pipeline
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out" / "distill.png"))
+
+    monkeypatch.setattr(pipeline, "plot_distill_curve", denied)
+    code, err, argv = distill(tmp_path, cfg_for(files), capsys)
+    assert code == 2
+    assert last_line(err) == (f"hybridize: error: cannot use {str(tmp_path / 'out' / 'distill.png')!r}: Permission denied; the "
+                              f"checkpoints in {str(tmp_path / 'out')!r} are kept: continue with "
+                              f"`{shlex.join(['hybridize', *argv, '--resume'])}`")
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0
