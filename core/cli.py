@@ -188,10 +188,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hybridize.devices import device_problem
     from hybridize.evaluate import load_for_eval, markdown_table, parse_evaluators, run_evaluators
     from hybridize.errors import ConfigError
-    from hybridize.outputs import write_json
+    from hybridize.outputs import write_json, write_json_text
     from hybridize.pipeline import resolve_device
+    from hybridize.rundir import prepare_eval_out
     from hybridize.plugins_manager import get_plugin_manager
 
+    out = prepare_eval_out(args.out) if args.out is not None else None  # before any work: a bad --out fails at once
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
     refs, problems = parse_evaluators([{"name": r.name, **r.params} for r in _eval_refs(args)], pm, where="hybridize eval")
     device = device_problem(args.device, field="--device", fix="pass --device {suggest} or auto")
@@ -203,13 +205,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {"model": str(args.dir), "label": target.label, **result}
     table = markdown_table({target.label: result})
     print("\n" + table)
-    if args.out:
-        from pathlib import Path
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         write_json(out / "eval.json", result)
-        (out / "eval.md").write_text(table + "\n")
+        write_json_text(out / "eval.md", table + "\n")
         print(f"wrote {out}/eval.json and {out}/eval.md")
     return 0
 
@@ -217,12 +215,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _relaunch(args: argparse.Namespace, cfg: Any) -> int:
     """``--nproc N``: check what can be checked here, then run the same command on N processes through torchrun."""
     from hybridize import distributed
-    from hybridize.outputs import check_out_dir
+    from hybridize.rundir import check_out_dir, run_inputs
 
     distributed.check_nproc(args.nproc, cfg.device)
     d = cfg.distill
     distributed.check_batch(d.batch_size, d.micro_batch_size or d.batch_size, distributed.Dist(world=args.nproc))
-    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, inputs=run_inputs(cfg))
     return distributed.launch(distributed.strip_nproc(args.argv), args.nproc)
 
 
@@ -357,6 +355,17 @@ def _plugin_warnings(skip_broken: bool) -> Iterator[None]:
             os.environ[ENV_SKIP_BROKEN] = old_env
 
 
+def resume_hint(args: argparse.Namespace) -> str:
+    """How to continue after an interruption: the same command with ``--resume`` (and without ``--overwrite``)."""
+    import shlex
+
+    if not hasattr(args, "resume") or not getattr(args, "out", None):
+        return "nothing was saved to continue from; run the command again"
+    argv = [a for a in args.argv if a != "--overwrite"]
+    argv += [] if "--resume" in argv else ["--resume"]
+    return f"the checkpoints in {args.out!r} are kept: continue with `{shlex.join(['hybridize', *argv])}`"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hybridize`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -368,7 +377,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "(torchrun or --nproc N)")
         with _library_progress(getattr(args, "quiet", False)), _plugin_warnings(args.skip_broken_plugins):
             return args.func(args)
+    except KeyboardInterrupt:
+        print(f"hybridize: interrupted (Ctrl-C); {resume_hint(args)}", file=sys.stderr)
+        return 130
     except RemoteError:  # rank 0 failed and printed why
+        return 2
+    except OSError as exc:  # a file or directory the checks above could not foresee: one line, never a traceback
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"hybridize: error: cannot use{where}: {exc.strerror or exc}; {resume_hint(args)}", file=sys.stderr)
         return 2
     except HybridizeError as exc:
         rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"

@@ -496,13 +496,14 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     Returns:
         The content of ``OUT/compare.json``.
     """
-    from hybridize.outputs import check_resume_config, prepare_out_dir
+    from hybridize.outputs import check_resume_config
+    from hybridize.rundir import prepare_out_dir, run_inputs
     from hybridize.pipeline import resolve_device
     from hybridize.plugins_manager import get_plugin_manager
     from hybridize.selection import build_selector_configs, resolve_budget
     from hybridize.teacher import decoder_layers, load_teacher
 
-    out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    out = prepare_out_dir(out, resume=resume, overwrite=overwrite, command="compare", inputs=run_inputs(base))
     pm = get_plugin_manager()
     t0 = time.perf_counter()
     device = resolve_device(base.device)
@@ -519,9 +520,9 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     config = {**base.to_dict(), "compare": {"selectors": refs(ccfg.selectors), "softmax_layers": budgets, "seeds": seeds,
                                             "save_models": ccfg.save_models, "probe_variants": refs(ccfg.probe_variants),
                                             "final_variants": refs(ccfg.final_variants), "reference": ccfg.reference}}
-    check_resume_config(out, config)
     rows_path = out / "checkpoints" / "rows.json"
     rows: list[dict[str, Any]] = json.loads(rows_path.read_text()) if resume and rows_path.exists() else []
+    check_resume_config(out, config, teacher=base.teacher, finished_rows=len(rows))
     run = _Comparison(base=base, ccfg=ccfg, out=out, teacher=teacher, pm=pm, device=device, ks=ks, rows=rows, progress=progress)
     for seed in seeds:
         run.run_seed(seed)

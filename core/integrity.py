@@ -9,10 +9,12 @@ kill at any moment leaves a checkpoint that matches its record, and a damaged on
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,9 @@ def fsync_write(path: Path, data: bytes) -> None:
 def _write_manifest_file(directory: Path, files: dict[str, dict[str, Any]]) -> Path:
     path = directory / MANIFEST
     tmp = directory / f".{MANIFEST}.tmp"
-    fsync_write(tmp, (json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True) + "\n").encode())
+    data = (json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True) + "\n").encode()
+    with clean_write(path, tmp, len(data)):
+        fsync_write(tmp, data)
     os.replace(tmp, path)
     return path
 
@@ -143,3 +147,48 @@ def forget_checkpoint(path: Path) -> None:
     if files.pop(path.name, None) is not None:
         _write_manifest_file(path.parent, files)
     path.unlink(missing_ok=True)
+
+
+# -- writes that fail (disk full, read-only, ...) leave no temporary file ------------------------------
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class WriteError(HybridizeError):
+    """An output could not be written (disk full, no permission, ...); no temporary file was left."""
+
+
+@contextlib.contextmanager
+def clean_write(path: Path, tmp: Path, needed: int | None = None) -> Iterator[None]:
+    """Delete ``tmp`` when writing it fails, and turn the ``OSError`` into one line naming ``path``.
+
+    A full disk (``ENOSPC``, also inside torch's "unexpected pos" errors) says how much space the
+    file needs and how much is free; any other OS error names its cause.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if tmp.is_dir() and not tmp.is_symlink():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "unexpected pos" in str(exc)
+        if not (full or isinstance(exc, OSError)):
+            raise
+        if full:
+            import shutil
+
+            free = shutil.disk_usage(path.parent).free
+            need = f"it needs about {_human(needed)}" if needed else "it needs more space"
+            raise WriteError(
+                f"no space left on the device writing {str(path)!r}: {need} and {_human(free)} are free there; free "
+                "some space (or choose an --out on another disk), then --resume continues from the last checkpoint"
+            ) from exc
+        raise WriteError(f"cannot write {str(path)!r} ({exc.strerror or exc}); check that directory and its disk, then "
+                         "--resume continues from the last checkpoint") from exc

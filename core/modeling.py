@@ -166,9 +166,13 @@ def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():  # left by an interrupted save
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    from hybridize.integrity import clean_write
+
+    needed = sum(t.nelement() * t.element_size() for t in model.state_dict().values())
+    with clean_write(path, tmp, needed):
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     faults.kill_point("save-model")
     write_manifest(tmp)
     replace_dir(tmp, path)

@@ -8,37 +8,32 @@ from pathlib import Path
 from typing import Any
 
 from hybridize.errors import HybridizeError
-
-
-def check_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> bool:
-    """Whether ``out`` holds files; refuse it unless ``resume`` or ``overwrite`` (nothing is changed)."""
-    out = Path(out)
-    full = out.exists() and any(out.iterdir())
-    if full and not (resume or overwrite):
-        raise HybridizeError(
-            f"output directory {str(out)!r} already exists and is not empty; pass --resume to continue "
-            "that run or --overwrite to start again"
-        )
-    return full
-
-
-def prepare_out_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
-    """Create the output directory; an existing non-empty one needs ``resume`` or ``overwrite``."""
-    out = Path(out)
-    if check_out_dir(out, resume=resume, overwrite=overwrite) and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+from hybridize.rundir import check_out_dir, prepare_out_dir  # noqa: F401 - their home until issue 17; import from rundir
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file (flushed to disk) and an atomic rename."""
+    from hybridize.integrity import clean_write
+
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    with clean_write(path, tmp, len(text.encode())):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def write_json_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and an atomic rename (no half-written file, none left over)."""
+    from hybridize.integrity import clean_write, fsync_write
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = text.encode()
+    with clean_write(path, tmp, len(data)):
+        fsync_write(tmp, data)
+        os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -102,35 +97,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-RUN_CONFIG = "run-config.json"
-
-
-def check_resume_config(out: Path, config: dict[str, Any]) -> None:
-    """Record the resolved config in ``OUT/run-config.json``; on resume, refuse a different one.
-
-    Checkpoints of one config must never continue under another (the result would match neither).
-
-    Raises:
-        HybridizeError: naming the first differing keys.
-    """
-    path = out / RUN_CONFIG
-    if not path.exists():
-        write_json(path, config)
-        return
-    saved = json.loads(path.read_text())
-    current = json.loads(json.dumps(config, default=str))
-    diff = sorted(_diff_keys(saved, current))
-    if diff:
-        raise HybridizeError(
-            f"--resume of {str(out)!r} with a different config: {', '.join(diff[:5])} differ(s) from {str(path)!r}; "
-            "resume with the same config and --set values, or use --overwrite / another --out"
-        )
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".") or "config"]
+from hybridize.resume import RUN_CONFIG, check_resume_config  # noqa: E402,F401 - re-exported
 
 
 def finish_run_dir(out: Path) -> Path:

@@ -18,6 +18,7 @@ from hybridize.distill import Distiller
 from hybridize.errors import ConfigError
 from hybridize import faults
 from hybridize.outputs import MetricsLog, check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
+from hybridize.rundir import run_inputs
 from hybridize.runconfig import RunConfig
 
 
@@ -67,12 +68,13 @@ def _evaluate(cfg: RunConfig, pm: Any, result: dict[str, Any], student: Any, tea
     result["evals"] = out["evals"]
 
 
-def _open_run(cfg: RunConfig, out: str | Path, par: distributed.Dist, pm: Any, *, resume: bool, overwrite: bool) -> Path:
+def _open_run(cfg: RunConfig, out: str | Path, par: distributed.Dist, pm: Any, *, resume: bool, overwrite: bool,
+              command: str) -> Path:
     """Rank 0 prepares OUT (refuses, overwrites or resumes it; records the config) and fires run_start."""
 
     def prepare() -> Path:
-        path = prepare_out_dir(out, resume=resume, overwrite=overwrite)
-        check_resume_config(path, cfg.to_dict())
+        path = prepare_out_dir(out, resume=resume, overwrite=overwrite, command=command, inputs=run_inputs(cfg))
+        check_resume_config(path, cfg.to_dict(), teacher=cfg.teacher)
         pm.hook.hybridize_run_start(run_dir=str(path), config=cfg.to_dict())
         return path
 
@@ -129,7 +131,7 @@ def _distill(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: 
             f"{cfg.softmax_layers!r} (use `hybridize run` to select layers)"
         )
     pm = get_plugin_manager()
-    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite)
+    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite, command="distill")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = par.device
@@ -220,7 +222,7 @@ def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool
     from hybridize.teacher import decoder_layers
 
     pm = get_plugin_manager()
-    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite)
+    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite, command="run")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = par.device

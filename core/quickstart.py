@@ -312,12 +312,13 @@ def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Pat
     import yaml
 
     from hybridize.compare import compare, compare_config_from_dict
-    from hybridize.outputs import prepare_out_dir
+    from hybridize.rundir import prepare_out_dir
     from hybridize.runconfig import apply_overrides
 
     t0 = time.perf_counter()
     spec = spec or RecallSpec()
-    out = prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    out = prepare_out_dir(out, resume=resume, overwrite=overwrite, command="quickstart",
+                          inputs={"the quickstart cache (--cache-dir)": str(cache_root(cache_dir))})
     teacher, info = ensure_teacher(spec, cache_dir, progress=progress)
     data_dir = teacher.parent / f"data-{spec.key()}-{n_docs}"
     corpus_path = data_dir / "corpus.txt"

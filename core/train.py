@@ -25,7 +25,7 @@ from hybridize import faults
 from hybridize.data import BlockSampler
 from hybridize.distributed import SINGLE, check_batch, ddp_root, full_state, load_full_state, shard_batch
 from hybridize.errors import HybridizeError
-from hybridize.integrity import IntegrityError, commit_checkpoint, record_checkpoint, verify_checkpoint
+from hybridize.integrity import IntegrityError, clean_write, commit_checkpoint, record_checkpoint, verify_checkpoint
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,13 +84,25 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed process
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    with clean_write(path, tmp, tensor_bytes(obj)):
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     record_checkpoint(path, tmp)
     faults.kill_point("checkpoint-write")
     os.replace(tmp, path)
     commit_checkpoint(path)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: Path) -> Any:
@@ -201,9 +213,23 @@ class Loop:
                     params[n].copy_(t)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_configured_lrs()
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
+
+    def _apply_configured_lrs(self) -> None:
+        """After loading a checkpoint: this run's peak lrs (``--resume`` may lower them) on the same schedule.
+
+        The optimizer and scheduler states carry the lrs of the run that wrote them; with an unchanged
+        config this recomputes exactly the same values (``base * lambda(step)``, as LambdaLR does).
+        """
+        lrs = self.cfg.lr if isinstance(self.cfg.lr, list) else [self.cfg.lr] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = list(lrs)
+        for group, base, lam in zip(self.optimizer.param_groups, lrs, self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * lam(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save(self) -> None:
         """Checkpoint (rank 0 writes; the state is the same on every rank)."""
