@@ -215,6 +215,8 @@ def _variant(value: Any, pm: Any, problems: list[str]) -> ComponentRef | None:
 def load_run_config(path: str | Path, overrides: Sequence[str] = (), *, pm: Any = None) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give the path of a YAML run config file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     tree = yaml.safe_load(path.read_text()) or {}
