@@ -190,10 +190,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hybridize.errors import ConfigError
     from hybridize.outputs import write_json, write_json_text
     from hybridize.pipeline import resolve_device
-    from hybridize.rundir import prepare_eval_out
+    from hybridize.rundir import check_eval_out, prepare_eval_out
     from hybridize.plugins_manager import get_plugin_manager
 
-    out = prepare_eval_out(args.out) if args.out is not None else None  # before any work: a bad --out fails at once
+    if args.out is not None:
+        check_eval_out(args.out)  # before any work, read-only: a bad --out fails at once and nothing is created
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
     refs, problems = parse_evaluators([{"name": r.name, **r.params} for r in _eval_refs(args)], pm, where="hybridize eval")
     device = device_problem(args.device, field="--device", fix="pass --device {suggest} or auto")
@@ -205,7 +206,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {"model": str(args.dir), "label": target.label, **result}
     table = markdown_table({target.label: result})
     print("\n" + table)
-    if out is not None:
+    if args.out is not None:
+        out = prepare_eval_out(args.out)
         write_json(out / "eval.json", result)
         write_json_text(out / "eval.md", table + "\n")
         print(f"wrote {out}/eval.json and {out}/eval.md")

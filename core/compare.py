@@ -380,6 +380,7 @@ class _Comparison:
     ks: dict[Any, int]
     rows: list[dict[str, Any]]
     progress: bool
+    checked_data: dict[int, Any] = attrs.Factory(dict)  # seed -> the data the preflight already packed
     # tokens actually spent vs the sum of what each row would spend alone (selection cost = teacher-forward
     # + stage-1 tokens, as in result.json; final = stage-2 (+ stage-3) tokens of its final hybrid, plus the
     # stage 1 of its variant where its selection did not already run it)
@@ -409,7 +410,7 @@ class _Comparison:
                         continue
                     if self.data is None:
                         torch.manual_seed(seed)
-                        self.data = prepare_data(self.base.data, self.teacher.tokenizer, seed=seed)
+                        self.data = self.checked_data.pop(seed, None) or prepare_data(self.base.data, self.teacher.tokenizer, seed=seed)
                     self._selection(seed, sel, budget, pv, todo)
 
     def _selection(self, seed: int, sel: ComponentRef, budget: Any, pv: ComponentRef, finals: list[ComponentRef]) -> None:
@@ -496,25 +497,23 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     Returns:
         The content of ``OUT/compare.json``.
     """
-    from hybridize.outputs import check_resume_config
+    from hybridize.outputs import check_out_dir, check_resume_config
     from hybridize.rundir import prepare_out_dir, run_inputs
     from hybridize.pipeline import resolve_device
     from hybridize.plugins_manager import get_plugin_manager
-    from hybridize.selection import build_selector_configs, resolve_budget
-    from hybridize.teacher import decoder_layers, load_teacher
+    from hybridize.preflight import check_run
+    from hybridize.teacher import load_teacher
 
-    out = prepare_out_dir(out, resume=resume, overwrite=overwrite, command="compare", inputs=run_inputs(base))
     pm = get_plugin_manager()
     t0 = time.perf_counter()
+    budgets = ccfg.softmax_layers or [base.softmax_layers]
+    check_out_dir(out, resume=resume, overwrite=overwrite, inputs=run_inputs(base))  # read-only: refuse a full OUT before the slow checks
+    checked = check_run(base, pm, command="compare", budgets=budgets, selectors=ccfg.selectors, seed=(ccfg.seeds or [base.seed])[0])
+    ks = {b: checked.k(b) for b in budgets}
     device = resolve_device(base.device)
     teacher = load_teacher(base.teacher, device=device)
-    n_layers = len(decoder_layers(teacher.model))
-    budgets = ccfg.softmax_layers or [base.softmax_layers]
-    ks = {b: resolve_budget(b, n_layers) for b in budgets}  # errors before any work
-    for sel in ccfg.selectors:
-        _, choice = build_selector_configs(pm.registry("selector")[sel.name], sel.params)
-        for k in ks.values():
-            choice.check(n_layers, k, sel.name)
+    n_layers = checked.teacher.n_layers
+    out = prepare_out_dir(out, resume=resume, overwrite=overwrite, command="compare", inputs=run_inputs(base))
     seeds = ccfg.seeds or [base.seed]
     refs = lambda refs_: None if refs_ is None else [{"name": r.name, **r.params} for r in refs_]  # noqa: E731
     config = {**base.to_dict(), "compare": {"selectors": refs(ccfg.selectors), "softmax_layers": budgets, "seeds": seeds,
@@ -523,7 +522,8 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     rows_path = out / "checkpoints" / "rows.json"
     rows: list[dict[str, Any]] = json.loads(rows_path.read_text()) if resume and rows_path.exists() else []
     check_resume_config(out, config, teacher=base.teacher, finished_rows=len(rows))
-    run = _Comparison(base=base, ccfg=ccfg, out=out, teacher=teacher, pm=pm, device=device, ks=ks, rows=rows, progress=progress)
+    run = _Comparison(base=base, ccfg=ccfg, out=out, teacher=teacher, pm=pm, device=device, ks=ks, rows=rows, progress=progress,
+                      checked_data={checked.seed: checked.data})
     for seed in seeds:
         run.run_seed(seed)
     return _write_outputs(run, n_layers, budgets, seeds, config, time.perf_counter() - t0)

@@ -34,6 +34,8 @@ class DataConfig:
         seq_len: tokens per block.
         text_field: the column holding the text in jsonl / parquet / hub data.
         max_tokens: stop reading after this many tokens (0 = all).
+        allow_longer_than_teacher: accept a ``seq_len`` above the teacher's ``max_position_embeddings``
+            (for a teacher that extrapolates, e.g. with rope scaling); off, such a ``seq_len`` is refused.
     """
 
     train: str | list[str] = attrs.field()
@@ -42,6 +44,7 @@ class DataConfig:
     seq_len: int = attrs.field(default=512, validator=attrs.validators.ge(2))
     text_field: str = "text"
     max_tokens: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    allow_longer_than_teacher: bool = False
 
 
 @attrs.frozen
@@ -82,7 +85,16 @@ def _files(source: str | Sequence[str], field: str) -> tuple[str, list[str]] | N
     return builders.pop(), [str(f) for f in files]
 
 
-def _read_local(builder: str, files: Sequence[str], field: str) -> list[dict[str, Any]] | None:
+def _check_text(items: Sequence[tuple[str, Any]], f: str, field: str, text_field: str) -> None:
+    """Every row's ``text_field``, where present, must be a string (``where`` names the line or row)."""
+    for where, item in items:
+        value = item.get(text_field)
+        if text_field in item and not isinstance(value, str):
+            raise DataError(f"data field '{field}': {f!r} {where} field {text_field!r} must be a string; got {value!r}. "
+                            "Fix that row, or set data.text_field to the column that holds the text")
+
+
+def _read_local(builder: str, files: Sequence[str], field: str, text_field: str = "text") -> list[dict[str, Any]] | None:
     """Rows of local text / json files read without ``datasets`` (None: parquet, left to ``datasets``).
 
     Text files give one row per paragraph (split on a blank line, as ``datasets``' text builder with
@@ -107,17 +119,20 @@ def _read_local(builder: str, files: Sequence[str], field: str) -> list[dict[str
                 items = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"data field '{field}': {f!r} is not valid JSON: {exc}") from exc
+            where = [f"row {i}" for i in range(len(items))] if isinstance(items, list) else []
         else:
-            items = []
+            items, where = [], []
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
                         items.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise DataError(f"data field '{field}': {f!r} line {n} is not valid JSON: {exc}") from exc
+                    where.append(f"line {n}")
         bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
         if bad is not None:
             raise DataError(f"data field '{field}': {f!r} row {bad} is not a JSON object; give one object per row")
+        _check_text(list(zip(where, items)), f, field, text_field)
         rows += items
     return rows
 
@@ -129,7 +144,9 @@ def load_documents(source: str | Sequence[str], *, field: str = "train", text_fi
     and hub ids, so a run on local text needs no ``datasets`` installed.
     """
     resolved = _files(source, field)
-    rows = _read_local(*resolved, field) if resolved is not None else None
+    rows = _read_local(*resolved, field, text_field) if resolved is not None else None
+    if rows == []:
+        raise DataError(f"data field '{field}': {source!r} is empty (no text at all); give a file with at least one document")
     if rows is not None:
         columns = sorted({k for r in rows for k in r})
         texts = [r.get(text_field) for r in rows]

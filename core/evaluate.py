@@ -58,7 +58,12 @@ class EvalResult:
 
 
 class Evaluator(Protocol):
-    """A built evaluator: ``evaluator(target) -> EvalResult``. Runs under ``torch.no_grad``."""
+    """A built evaluator: ``evaluator(target) -> EvalResult``. Runs under ``torch.no_grad``.
+
+    An evaluator may also have ``check(tokenizer) -> list[str]``: the problems of its settings that need
+    no model (task names, lengths against the tokenizer, data files). A run calls it before it writes
+    anything (:func:`check_evaluators`), so a mistake there does not cost the whole distillation.
+    """
 
     def __call__(self, target: EvalTarget) -> EvalResult: ...
 
@@ -99,6 +104,21 @@ def merge_metrics(own: dict[str, Any], evals: Sequence[dict[str, Any]]) -> dict[
     return merged
 
 
+def check_evaluators(refs: Sequence[ComponentRef], pm: Any, tokenizer: Any) -> list[str]:
+    """The problems every evaluator's optional ``check(tokenizer)`` finds in its static settings."""
+    problems: list[str] = []
+    for ref in refs:
+        entry = pm.registry("evaluator")[ref.name]
+        check = getattr(entry.factory(entry.build_config(ref.params)), "check", None)
+        if check is None:
+            continue
+        try:
+            problems += list(check(tokenizer) or [])
+        except ConfigError as exc:
+            problems += exc.problems
+    return problems
+
+
 def run_evaluators(refs: Sequence[ComponentRef], target: EvalTarget, pm: Any) -> dict[str, Any]:
     """Build and run each evaluator; returns ``{"metrics": {...}, "evals": [{name, metrics, details, seconds}]}``."""
     import torch
@@ -136,10 +156,18 @@ def load_for_eval(path: str | Path, *, device: str = "cpu") -> EvalTarget:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"hybridize eval: {str(path)!r} has no loadable tokenizer ({exc}); save one beside the weights") from exc
-    if str(AutoConfig.from_pretrained(path).model_type).startswith(PREFIX):
+    config = AutoConfig.from_pretrained(path)
+    if str(config.model_type).startswith(PREFIX):
         model = load_hybrid(path, device=device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        from hybridize.teacher import check_finite_weights
+        from hybridize.weight_headers import check_weights_match_config
+
+        what = f"hybridize eval: model directory {str(path)!r}"
+        check_weights_match_config(path, config, what)  # safetensors only, complete, matching config.json
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        check_finite_weights(model, what)
+        model = model.to(device)
     return EvalTarget(model=model.eval(), tokenizer=tokenizer, label=path.name if path.name != "model" else path.parent.name, path=str(path))
 
 

@@ -12,6 +12,7 @@ transformers is imported, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import shutil
 from pathlib import Path
@@ -26,6 +27,9 @@ from hybridize.linear import LinearAttention
 from hybridize.teacher import SUPPORTED_ARCHITECTURES, check_supported, decoder_layers, spec_of_attention
 
 PREFIX = "hybridize_"
+_FIX = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
+#: the directory load_hybrid has just verified (its from_pretrained call does not hash it again)
+_verified: contextvars.ContextVar[str | None] = contextvars.ContextVar("hybridize_verified", default=None)
 
 
 class HybridMixin:
@@ -54,6 +58,26 @@ class HybridMixin:
         if cache is not None:
             model_kwargs[name] = cache
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """``from_pretrained`` that first checks a local directory against its manifest, as :func:`load_hybrid` does.
+
+        So ``AutoModelForCausalLM.from_pretrained(dir)`` refuses a damaged or half-saved hybrid by name
+        instead of loading it (with random or inf weights).
+        """
+        _verify_saved(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def _verify_saved(path: Any, subfolder: str = "") -> None:
+    """Check a local hybrid directory against the manifest :func:`save_hybrid` wrote (hub ids are left to transformers)."""
+    from hybridize.integrity import verify_manifest
+
+    local = Path(str(path)) / subfolder
+    if not local.is_dir() or _verified.get() == str(local.resolve()):
+        return
+    verify_manifest(local, fix=_FIX)
 
 
 def _rebuild_linear_layers(model: nn.Module) -> None:
@@ -194,16 +218,19 @@ def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, d
 
     register_with_transformers()
     local = Path(path).is_dir()
-    fix = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
     listed = local and read_manifest(path, what="saved hybrid") is not None
     if listed:
-        verify_manifest(path, fix=fix)
+        verify_manifest(path, fix=_FIX)
     config = AutoConfig.from_pretrained(path)
     if not str(getattr(config, "model_type", "")).startswith(PREFIX):
         raise HybridizeError(f"{str(path)!r} is a {config.model_type!r} checkpoint, not a hybrid saved by hybridize")
     if local and not listed:
-        verify_manifest(path, fix=fix)  # raises: no manifest
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
+        verify_manifest(path, fix=_FIX)  # raises: no manifest
+    token = _verified.set(str(Path(path).resolve()) if local else None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
+    finally:
+        _verified.reset(token)
     install_padding_hook(model)
     return model.to(device) if device is not None else model
 

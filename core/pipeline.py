@@ -13,9 +13,7 @@ from typing import Any
 import torch
 
 from hybridize import distributed
-from hybridize.data import prepare_data
 from hybridize.distill import Distiller
-from hybridize.errors import ConfigError
 from hybridize import faults
 from hybridize.outputs import MetricsLog, check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
 from hybridize.rundir import run_inputs
@@ -81,13 +79,20 @@ def _open_run(cfg: RunConfig, out: str | Path, par: distributed.Dist, pm: Any, *
     return par.on_main(prepare)
 
 
-def _inputs(cfg: RunConfig, par: distributed.Dist) -> tuple[Any, Any]:
-    """The teacher (on this rank's device) and the packed data; rank 0 loads first (download and data caches)."""
+def _inputs(cfg: RunConfig, par: distributed.Dist, pm: Any, command: str, out: str | Path, *, resume: bool,
+            overwrite: bool) -> tuple[Any, Any]:
+    """The preflight (every input checked, nothing written), then the teacher on this rank's device; rank 0 first
+    (download and data caches). Returns (teacher, preflight result)."""
+    from hybridize.outputs import check_out_dir
+    from hybridize.preflight import check_run
     from hybridize.teacher import load_teacher
 
     def load() -> tuple[Any, Any]:
-        teacher = load_teacher(cfg.teacher, device=par.device)
-        return teacher, prepare_data(cfg.data, teacher.tokenizer, seed=cfg.seed)
+        if par.is_main:  # read-only: refuse a full OUT before the slow checks
+            check_out_dir(out, resume=resume, overwrite=overwrite, inputs=run_inputs(cfg))
+        checked = check_run(cfg, pm, command=command)
+        torch.manual_seed(cfg.seed)
+        return load_teacher(cfg.teacher, device=par.device), checked
 
     return par.main_first(load)
 
@@ -125,17 +130,11 @@ def _distill(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: 
     from hybridize.plugins_manager import get_plugin_manager
     from hybridize.surgery import build_student
 
-    if not isinstance(cfg.softmax_layers, list):
-        raise ConfigError(
-            f"hybridize distill field 'softmax_layers' must be an explicit list of layer indices; got "
-            f"{cfg.softmax_layers!r} (use `hybridize run` to select layers)"
-        )
     pm = get_plugin_manager()
-    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite, command="distill")
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    device = par.device
-    teacher, data = _inputs(cfg, par)
+    teacher, checked = _inputs(cfg, par, pm, "distill", out, resume=resume, overwrite=overwrite)
+    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite, command="distill")
+    device, data = par.device, checked.data
     student = build_student(teacher.model, cfg.softmax_layers, cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
     log = MetricsLog(out, resume=resume)
     distiller = Distiller(teacher=teacher.model, data=data, cfg=cfg.distill, device=device, ckpt_dir=out / "checkpoints",
@@ -217,18 +216,16 @@ def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool
     from hybridize.outputs import plot_jaccard, plot_scores
     from hybridize.plugins_manager import get_plugin_manager
     from hybridize.select import SelectionEngine
-    from hybridize.selection import resolve_budget
     from hybridize.surgery import build_student
     from hybridize.teacher import decoder_layers
 
     pm = get_plugin_manager()
-    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite, command="run")
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    device = par.device
-    teacher, data = _inputs(cfg, par)
+    teacher, checked = _inputs(cfg, par, pm, "run", out, resume=resume, overwrite=overwrite)
+    out = _open_run(cfg, out, par, pm, resume=resume, overwrite=overwrite, command="run")
+    device, data = par.device, checked.data
     n_layers = len(decoder_layers(teacher.model))
-    k = resolve_budget(cfg.softmax_layers, n_layers)
+    k = checked.k(cfg.softmax_layers)
     engine = None
     log = MetricsLog(out, resume=resume)
     probe_variant = cfg.selection.linear_attention or cfg.linear_attention

@@ -193,8 +193,8 @@ def prepare_out_dir(out: str | Path, *, resume: bool, overwrite: bool, command: 
     return path
 
 
-def prepare_eval_out(out: str | Path) -> Path:
-    """``hybridize eval --out``: a new or empty directory, or one where eval.json / eval.md are hybridize's."""
+def check_eval_out(out: str | Path) -> Path:
+    """What :func:`prepare_eval_out` would refuse, checked without writing anything; returns the path."""
     path = out_path(out)
     check_writable_place(path)
     if path.is_dir() and not (path / MARKER).is_file():
@@ -202,6 +202,12 @@ def prepare_eval_out(out: str | Path) -> Path:
         if theirs:
             raise OutDirError(f"eval --out {str(path)!r} holds {', '.join(theirs)} that hybridize did not write; give a "
                               "new or empty directory")
+    return path
+
+
+def prepare_eval_out(out: str | Path) -> Path:
+    """``hybridize eval --out``: a new or empty directory, or one where eval.json / eval.md are hybridize's."""
+    path = check_eval_out(out)
     try:
         empty = not path.is_dir() or not any(path.iterdir())
         path.mkdir(parents=True, exist_ok=True)

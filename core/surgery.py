@@ -32,13 +32,18 @@ _MASK_TOKENS: contextvars.ContextVar[tuple[contextvars.Token, ...]] = contextvar
 
 
 # -- validation --------------------------------------------------------------------------------
-def check_softmax_layers(value: Any, num_layers: int) -> list[int]:
+def check_softmax_layers(value: Any, num_layers: int, *, field: str = "build_student field 'softmax_layers'") -> list[int]:
     """Validate ``softmax_layers`` against a model of ``num_layers`` layers; return it sorted.
+
+    Args:
+        value: the layer indices.
+        num_layers: the teacher's layer count.
+        field: how messages name the field (the preflight names the run config's).
 
     Raises:
         ConfigError: naming the field, the bad value and the valid range.
     """
-    where = "build_student field 'softmax_layers' must"
+    where = f"{field} must"
     valid = f"0 <= i < {num_layers} (the teacher has {num_layers} layers)"
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{where} be a list of layer indices {valid}; got {value!r}")

@@ -130,6 +130,8 @@ def _resolve(path_or_id: str | Path) -> str:
 def _load_config(path: str, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise HybridizeError(f"teacher {path!r} has no config.json; pass a model directory saved with save_pretrained")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -148,10 +150,48 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBa
         return None
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError:
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises anything on a damaged file; name the directory
         if local.is_dir():
-            raise
+            raise HybridizeError(f"teacher {path!r}: its tokenizer cannot be loaded ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}); put the tokenizer files saved with this checkpoint there") from exc
         return None  # a hub repo without tokenizer files
+
+
+@attrs.frozen
+class TeacherFiles:
+    """What a teacher directory holds, checked without loading its weights: config, layout, tokenizer, path."""
+
+    config: Any
+    layout: AttentionLayout
+    tokenizer: PreTrainedTokenizerBase | None
+    path: str
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+
+def inspect_teacher(path_or_id: str | Path, *, trust_remote_code: bool = False) -> TeacherFiles:
+    """Every check of a teacher that needs no weights loaded, cheapest first.
+
+    The path exists; ``config.json`` is readable and of a supported architecture; the tokenizer loads
+    and fits the vocabulary; a local directory's weights are safetensors files, complete, and match
+    the config (tensor names and shapes from the safetensors headers).
+
+    Raises:
+        UnsupportedArchitectureError: the checkpoint is not one of :data:`SUPPORTED_ARCHITECTURES`.
+        HybridizeError: naming the teacher, the file and the fix.
+    """
+    from hybridize.weight_headers import check_weights_match_config
+
+    path = _resolve(path_or_id)
+    config = _load_config(path, trust_remote_code)
+    layout = _check_config(config, path)
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    _check_vocab(tokenizer, config, path)
+    if Path(path).is_dir():
+        check_weights_match_config(Path(path), config, f"teacher {path!r}")
+    return TeacherFiles(config=config, layout=layout, tokenizer=tokenizer, path=path)
 
 
 def load_teacher(
@@ -180,31 +220,28 @@ def load_teacher(
     """
     from transformers import AutoModelForCausalLM
 
-    path = _resolve(path_or_id)
-    config = _load_config(path, trust_remote_code)
-    _check_config(config, path)
-    tokenizer = _load_tokenizer(path, trust_remote_code)
-    _check_vocab(tokenizer, config, path)
-    _require_safetensors(path)
+    files = inspect_teacher(path_or_id, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=trust_remote_code,
+        files.path, config=files.config, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=trust_remote_code,
         use_safetensors=True, **kwargs
     )
+    check_finite_weights(model, f"teacher {files.path!r}")
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
-    return Teacher(model=model, tokenizer=tokenizer, path=path)
+    return Teacher(model=model, tokenizer=files.tokenizer, path=files.path)
 
 
-def _require_safetensors(path: str) -> None:
-    """Weights are read only from safetensors: a local directory with only ``.bin`` files is refused."""
-    local = Path(path)
-    if local.is_dir() and not any(local.glob("*.safetensors")):
-        raise HybridizeError(
-            f"teacher {path!r} has no *.safetensors weights; hybridize loads weights only from safetensors. Convert "
-            "the checkpoint once (from_pretrained(...).save_pretrained(dir, safe_serialization=True)) and pass that directory"
-        )
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Refuse a model with a NaN or inf weight (training it would fail later with a misleading message)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise HybridizeError(
+                f"{what}: its weights are not finite: tensor {name!r} holds {nan} NaN and {inf} inf value(s); the "
+                "checkpoint is damaged or was saved from a diverged training run. Use a checkpoint with finite weights"
+            )
 
 
 def _check_vocab(tokenizer: PreTrainedTokenizerBase | None, config: Any, path: str) -> None:

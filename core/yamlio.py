@@ -81,6 +81,8 @@ def parse_yaml(text: str, *, source: str) -> Any:
 def read_yaml_file(path: str | Path) -> Any:
     """Read and parse a YAML config file (``None`` for an empty file), with one-line errors."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give the path of a YAML run config file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

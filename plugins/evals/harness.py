@@ -129,6 +129,25 @@ class LmEval:
         self.config = config
         self.tasks = ruler.expand(config.tasks)
 
+    def check(self, tokenizer: Any) -> list[str]:
+        """Static settings: every task name exists (did-you-mean), RULER lengths fit this tokenizer."""
+        problems: list[str] = []
+        with network(self.config.online):
+            quiet = logging.getLogger("lm_eval")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                tm = _task_manager(self.tasks, self.config.include_path)
+                for check in (lambda: _check_known(tm, self.tasks),
+                              lambda: ruler.check_lengths(self.tasks, tokenizer, self.config.max_seq_lengths)):
+                    try:
+                        check()
+                    except ConfigError as exc:
+                        problems += exc.problems
+            finally:
+                quiet.setLevel(level)
+        return problems
+
     def __call__(self, target: EvalTarget) -> EvalResult:
         cfg = self.config
         with network(cfg.online), tempfile.TemporaryDirectory(prefix="hybridize-tok-") as tmp:

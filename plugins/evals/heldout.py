@@ -62,11 +62,37 @@ def eval_blocks(name: str, data: str | None, target: EvalTarget, seq_len: int, b
     return pack(tokens, seq_len, field="data")[:blocks]
 
 
+def check_data(name: str, data: str | None) -> list[str]:
+    """``data``, when set, must be readable text (read now, before a run writes anything)."""
+    from hybridize.data import DataError, load_documents
+
+    if data is None:
+        return []
+    try:
+        load_documents(data, field="data", text_field="text")
+    except DataError as exc:
+        return [f"evaluator {name!r}: {exc}"]
+    return []
+
+
 class HeldoutKL:
     """KL(teacher || model), model and teacher perplexity on held-out blocks."""
 
     def __init__(self, config: HeldoutKLConfig):
         self.config = config
+
+    def check(self, tokenizer: Any) -> list[str]:
+        """Its data file and its own teacher (without loading weights), when set."""
+        from hybridize.errors import HybridizeError
+        from hybridize.teacher import inspect_teacher
+
+        problems = check_data("heldout-kl", self.config.data)
+        if self.config.teacher is not None:
+            try:
+                inspect_teacher(self.config.teacher)
+            except HybridizeError as exc:
+                problems.append(f"evaluator 'heldout-kl' field 'teacher': {exc}")
+        return problems
 
     def __call__(self, target: EvalTarget) -> EvalResult:
         from hybridize.distill import HeldoutEvaluator
@@ -92,6 +118,10 @@ class Perplexity:
 
     def __init__(self, config: PerplexityConfig):
         self.config = config
+
+    def check(self, tokenizer: Any) -> list[str]:
+        """Its data file, when set."""
+        return check_data("perplexity", self.config.data)
 
     def __call__(self, target: EvalTarget) -> EvalResult:
         import torch

@@ -58,6 +58,7 @@ def test_a_teacher_with_only_pickled_weights_is_refused(tmp_path):
     with pytest.raises(HybridizeError) as exc:
         load_teacher(teacher)
     assert str(exc.value) == (
-        f"teacher {str(teacher)!r} has no *.safetensors weights; hybridize loads weights only from safetensors. Convert "
-        "the checkpoint once (from_pretrained(...).save_pretrained(dir, safe_serialization=True)) and pass that directory"
+        f"teacher {str(teacher)!r} holds its weights only in pickle file(s) pytorch_model.bin; hybridize reads weights only "
+        "from safetensors files. Convert the checkpoint once (from_pretrained(...).save_pretrained(dir, "
+        "safe_serialization=True)) and pass that directory"
     )

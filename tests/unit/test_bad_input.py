@@ -156,6 +156,8 @@ def test_bad_input_exact_message(case, files, tmp_path, capsys):
     assert code == 2
     assert ("\n" + err).endswith(f"\nhybridize: error: {expected}\n"), err  # after any progress bars
     assert not (tmp_path / "out" / "model").exists()
+    if case != "existing_output_dir":  # issue 17: every check runs before --out is created
+        assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_dir_with_overwrite_starts_again(files, tmp_path, capsys):

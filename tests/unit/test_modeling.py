@@ -87,3 +87,38 @@ def test_auto_model_loads_the_hybrid_backbone_and_decodes_with_its_cache(tmp_pat
         assert isinstance(getattr(first, name), HybridCache)
         step = base(ids[:, 6:], **{name: getattr(first, name)}).last_hidden_state
     torch.testing.assert_close(step[:, -1], full[:, -1])
+
+
+def test_auto_model_from_pretrained_verifies_the_manifest(tmp_path):
+    """A damaged saved hybrid is refused by name through AutoModelForCausalLM too, as load_hybrid refuses it."""
+    from transformers import AutoModelForCausalLM
+
+    from hybridize.integrity import MANIFEST, IntegrityError, sha256_file
+
+    save_hybrid(build_student(tiny_model("llama", n_layer=2), [0], "gdn"), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    recorded = json.loads((tmp_path / "m" / MANIFEST).read_text())["files"]["model.safetensors"]
+    data = bytearray(weights.read_bytes())
+    data[-64:] = b"\xff" * 64  # same size, damaged tensor bytes (loaded, they give inf / NaN logits)
+    weights.write_bytes(bytes(data))
+    fix = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
+    with pytest.raises(IntegrityError) as exc:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert str(exc.value) == (
+        f"saved hybrid {str(tmp_path / 'm')!r} is damaged: file 'model.safetensors' has {len(data)} bytes and sha256 "
+        f"{sha256_file(weights)[:12]}..., but {MANIFEST} records {recorded['bytes']} bytes and sha256 {recorded['sha256'][:12]}...; {fix}")
+    (tmp_path / "m" / MANIFEST).unlink()
+    with pytest.raises(IntegrityError) as exc:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert str(exc.value) == (f"saved hybrid {str(tmp_path / 'm')!r} has no {MANIFEST}: its save did not finish (or it was not "
+                              f"written by hybridize); {fix}")
+
+
+def test_load_hybrid_hashes_the_directory_once(tmp_path, monkeypatch):
+    from hybridize import integrity
+
+    save_hybrid(build_student(tiny_model("llama", n_layer=2), [0], "gdn"), tmp_path / "m")
+    calls = []
+    monkeypatch.setattr(integrity, "sha256_file", lambda p, _f=integrity.sha256_file: calls.append(p) or _f(p))
+    load_hybrid(tmp_path / "m")
+    assert sorted(calls) == sorted(set(calls))  # from_pretrained does not verify again what load_hybrid just verified
