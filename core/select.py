@@ -385,7 +385,8 @@ class SelectionEngine:
         if len(healthy) < self.k:
             raise HybridizeError(
                 f"only {len(healthy)} probe(s) finished with finite scores (failed: layers {sorted(failed)}), fewer than "
-                f"K={self.k}; lower selection.probe_lr_attn / probe_lr_other or check the data"
+                f"K={self.k}; lower selection.probe_lr_attn / probe_lr_other and run the command again with --overwrite "
+                "(failed probes cannot be resumed), or check the data"
             )
         fill = sum(healthy.values()) / len(healthy)  # a neutral stand-in so the selector sees every layer
         importance = self.parts.selector.importance({**healthy, **dict.fromkeys(failed, fill)}, self.n_layers, self.k)

@@ -137,8 +137,28 @@ def test_fewer_healthy_probes_than_k_is_an_error(data, monkeypatch):
         engine(data, k=2).run()
     assert str(exc.value) == (
         "only 1 probe(s) finished with finite scores (failed: layers [0, 1, 2]), fewer than K=2; lower "
-        "selection.probe_lr_attn / probe_lr_other or check the data"
+        "selection.probe_lr_attn / probe_lr_other and run the command again with --overwrite (failed probes cannot "
+        "be resumed), or check the data"
     )
+
+
+def test_fewer_healthy_probes_than_k_then_doing_what_the_message_says_works(tmp_path, corpus, monkeypatch, capsys):
+    """The message's advice, followed to the letter: lower the probe lrs, the same command with --overwrite."""
+    cfg = {"teacher": str(save_tiny_teacher(tmp_path / "teacher", n_layer=3)), "data": {"train": str(corpus), "seq_len": 16},
+           "softmax_layers": 2, "device": "cpu",
+           "selection": {"stop": "fixed-budget", "probe_tokens": 128, "eval_every": 1, "probe_lr_attn": 1.0},
+           "distill": {"stage1_tokens": 128, "stage2_tokens": 64, "batch_size": 4, "eval_blocks": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    argv = ["run", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"), "--quiet"]
+    monkeypatch.setenv("HYBRIDIZE_FAULT", "probe-nan@0:1+,probe-nan@1:1+")  # as a too-high probe lr would
+    with pytest.warns(ProbeDivergedWarning):
+        assert main(argv) == 2
+    assert "fewer than K=2; lower selection.probe_lr_attn / probe_lr_other and run the command again with --overwrite" \
+        in capsys.readouterr().err
+    monkeypatch.delenv("HYBRIDIZE_FAULT")
+    assert main([*argv, "--set", "selection.probe_lr_attn=1e-3", "--overwrite"]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert len(result["softmax_layers"]) == 2 and result["config"]["selection"]["probe_lr_attn"] == 1e-3
 
 
 def test_cli_run_marks_the_failed_probe_in_result_json(tmp_path, corpus, monkeypatch, capsys):
