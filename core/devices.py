@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 
-_FORMS = "auto, cpu, cuda or cuda:N"
+_FORMS = "auto, cpu, cuda or cuda:N"  # mps is accepted too where torch has it (Apple GPUs)
 _CUDA = re.compile(r"cuda(?::(\d+))?")
 
 
@@ -17,6 +17,12 @@ def _gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _mps() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def _available(count: int) -> str:
@@ -35,7 +41,7 @@ def device_problem(value: object, *, field: str = "run field 'device'", fix: str
         field: how the message names the setting.
         fix: how the user changes it; ``{suggest}`` becomes a device this machine has (``cpu``, ``cuda:0``).
     """
-    if value in ("auto", "cpu"):
+    if value in ("auto", "cpu") or (value == "mps" and _mps()):
         return None
     match = _CUDA.fullmatch(value) if isinstance(value, str) else None
     count = _gpus()
