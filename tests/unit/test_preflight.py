@@ -20,14 +20,6 @@ from hybridize.testing.models import save_tiny_teacher
 TEXT = "\n\n".join(f"record {i}: key {chr(97 + i % 26)} has value {i % 10}." for i in range(40))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
