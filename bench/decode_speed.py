@@ -5,11 +5,11 @@ is :func:`hybridize.build_student` of it with the uniform 25% softmax layers (4 
 elsewhere, whose linear layers decode one token at a time through fla's fused recurrent kernel
 (``mode="recurrent"``; the short convolutions keep a 3-token cache). Both run the same greedy
 loop: one prefill forward of the prompt (``logits_to_keep=1``) into the model's cache (the
-teacher: transformers' ``DynamicCache``; the hybrid: :class:`hybridize.cache.HybridCache`), then
+teacher: transformers' ``DynamicCache``; the hybrid: :class:`hybridize.model.cache.HybridCache`), then
 ``--new-tokens`` single-token forwards after ``--warm-tokens`` untimed ones.
 
 The hybrid runs twice: ``hybrid-eager`` launches every kernel of its linear layers from Python,
-``hybrid`` replays them as CUDA graphs (:mod:`hybridize.decode_graphs`, the default on CUDA).
+``hybrid`` replays them as CUDA graphs (:mod:`hybridize.ops.decode_graphs`, the default on CUDA).
 For each prompt length and batch: decode tokens/s (batch x new tokens / time), prefill time, the
 cache's size after decoding (KV tensors of softmax layers + recurrent and convolution states of
 linear layers) and the peak memory above the weights.
@@ -29,7 +29,7 @@ import torch
 
 import perf_common as pc
 
-from hybridize.cache import cache_arg_name
+from hybridize.model.cache import cache_arg_name
 
 
 def cache_bytes(cache: Any) -> int:
@@ -56,7 +56,7 @@ def new_cache(model: Any) -> Any:
 @torch.no_grad()
 def decode(model: Any, ids: torch.Tensor, new_tokens: int, warm_tokens: int, device: torch.device, graphs: bool = True) -> dict[str, Any]:
     """Prefill ``ids`` then greedily decode; times and memory of one run (``graphs``: CUDA-graph linear layers)."""
-    from hybridize import decode_graphs
+    from hybridize.ops import decode_graphs
 
     decode_graphs.ENABLED = graphs
     weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0
@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.sdpa == "no-cudnn":
         torch.backends.cuda.enable_cudnn_sdp(False)
-    from hybridize.surgery import build_student
+    from hybridize.model.surgery import build_student
 
     device = pc.resolve(args.device)
     env = pc.environment(device)
@@ -103,7 +103,7 @@ def main() -> None:
     teacher = pc.random_teacher(args.size, device, dtype)
     n = teacher.config.num_hidden_layers
     hybrid = build_student(teacher, pc.quarter_softmax(n), "gdn").eval().requires_grad_(False)
-    # "hybrid-eager": the same hybrid with hybridize.decode_graphs off (every kernel launched from Python)
+    # "hybrid-eager": the same hybrid with hybridize.ops.decode_graphs off (every kernel launched from Python)
     models = {"teacher": teacher, "hybrid-eager": hybrid, "hybrid": hybrid}
     models = {k: models[k] for k in args.models.split(",")}
     vocab = teacher.config.vocab_size

@@ -76,7 +76,7 @@ def accuracy(variant: str, dtype: torch.dtype, B=2, T=1024, H=4, D=64) -> dict:
 
 def module_accuracy(name: str, dtype: torch.dtype, B=2, T=512) -> dict:
     from hybridize.linear import AttentionSpec
-    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.registry.manager import get_plugin_manager
     from hybridize.testing.conformance import random_teacher_weights
 
     entry = get_plugin_manager().registry("linear_attention")[name]

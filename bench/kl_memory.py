@@ -1,4 +1,4 @@
-"""Peak memory of the stage-2 KL: chunked (hybridize.losses.chunked_kl) vs full fp32 logits.
+"""Peak memory of the stage-2 KL: chunked (hybridize.training.losses.chunked_kl) vs full fp32 logits.
 
 Qwen2.5 vocabulary (151,936) x 4096 tokens, hidden 2048, forward + backward, on the CPU: each
 variant runs in a fresh subprocess and reports its peak resident memory (ru_maxrss) above the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 CHILD = r"""
 import resource, sys, time, torch
-from hybridize.losses import chunked_kl
+from hybridize.training.losses import chunked_kl
 mode, V, T, D, chunk = sys.argv[1], *map(int, sys.argv[2:6])
 torch.manual_seed(0)
 lm_s, lm_t = torch.nn.Linear(D, V, bias=False), torch.nn.Linear(D, V, bias=False)

@@ -51,8 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     from einops import rearrange
 
-    from hybridize.surgery import build_student
-    from hybridize.teacher import decoder_layers
+    from hybridize.model.surgery import build_student
+    from hybridize.model.teacher import decoder_layers
 
     device = pc.resolve(args.device)
     env = pc.environment(device)

@@ -46,7 +46,7 @@ def random_teacher(size: str, device: torch.device, dtype: torch.dtype, seed: in
     """A frozen random-weight Llama of one of :data:`SIZES`, in eval mode, built directly on ``device``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hybridize.teacher import ATTN_IMPLEMENTATION
+    from hybridize.model.teacher import ATTN_IMPLEMENTATION
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**SIZES[size], attn_implementation=ATTN_IMPLEMENTATION, initializer_range=0.02)
@@ -80,7 +80,7 @@ def flops_per_token(model: nn.Module, seq: int, *, train: bool) -> float:
     k u^T, S^T q) or 4 * K * V (GLA), per token forward. (The chunked kernels do somewhat more.)
     """
     from hybridize.linear import LinearAttention
-    from hybridize.teacher import decoder_layers
+    from hybridize.model.teacher import decoder_layers
 
     fwd = 2.0 * matmul_params(model)
     for layer in decoder_layers(model):

@@ -1,7 +1,7 @@
 """Probes per hour of a kl-greedy-add selection on 1 vs N processes (torch.distributed, one GPU each).
 
 Each measurement is a real torchrun job (``python -m torch.distributed.run --standalone``) running
-:class:`hybridize.select.SelectionEngine` exactly as ``hybridize run --nproc N`` does: probe i on
+:class:`hybridize.selection.engine.SelectionEngine` exactly as ``hybridize run --nproc N`` does: probe i on
 rank i mod N, every rank running the teacher once per batch for its own probes, scores all-gathered
 after every evaluation window. The teacher is a random-weight Llama of ``--size`` (``sel12``: 12
 layers, d=768, 32 x 64 heads, GQA 8, vocab 32k, 12 probes; bf16 on CUDA) on random-token data.
@@ -70,7 +70,7 @@ def parse() -> argparse.Namespace:
 # -- one torchrun worker -------------------------------------------------------------------------------------
 def make_data(vocab: int, n_train: int, n_heldout: int, seq: int) -> Any:
     """Random-token blocks (the throughput does not depend on the text)."""
-    from hybridize.data import PackedData
+    from hybridize.training.data import PackedData
 
     g = torch.Generator().manual_seed(0)
     train, heldout = torch.randint(0, vocab, (n_train, seq), generator=g), torch.randint(0, vocab, (n_heldout, seq), generator=g)
@@ -78,12 +78,12 @@ def make_data(vocab: int, n_train: int, n_heldout: int, seq: int) -> Any:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from hybridize import distributed
-    from hybridize.config import ComponentRef
-    from hybridize.distill import DistillConfig
+    from hybridize.training import parallel as distributed
+    from hybridize.registry.configs import ComponentRef
+    from hybridize.distill.stages import DistillConfig
     from hybridize.ops.common import fla_available
-    from hybridize.plugins_manager import get_plugin_manager
-    from hybridize.select import SelectionConfig, SelectionEngine
+    from hybridize.registry.manager import get_plugin_manager
+    from hybridize.selection.engine import SelectionConfig, SelectionEngine
 
     par = distributed.setup(args.device)
     dtype = torch.bfloat16 if par.device.type == "cuda" else torch.float32

@@ -3,12 +3,12 @@
 Both sides use hybridize's own code on the same random-weight 12-layer Llama (``--size sel12``,
 bf16 on CUDA), the same random-token data, the same token budgets and the same settings:
 
-- **shared** (this project): :class:`hybridize.select.SelectionEngine` with ``kl-greedy-add`` and
+- **shared** (this project): :class:`hybridize.selection.engine.SelectionEngine` with ``kl-greedy-add`` and
   the ``fixed-budget`` stop: ONE stage-1 pass over an all-linear student, then every probe ("all
   linear but layer l softmax") trained in lockstep on the same batches, each batch's teacher
   forward run once for all probes, held-out teacher states computed once.
 - **independent** (the paper's per-probe scripts): for each layer l, its own
-  :class:`hybridize.distill.Distiller` on the student "all linear but l": its own held-out teacher
+  :class:`hybridize.distill.stages.Distiller` on the student "all linear but l": its own held-out teacher
   pass, its own stage 1 (``stage1_tokens``), its own stage 2 of ``probe_tokens`` with its own
   teacher forwards, evaluated on held-out data at the same window as the shared run.
 
@@ -34,11 +34,11 @@ import attrs
 import torch
 
 import perf_common as pc
-from hybridize.config import ComponentRef
-from hybridize.data import PackedData
-from hybridize.distill import DistillConfig, Distiller
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.select import SelectionConfig, SelectionEngine
+from hybridize.registry.configs import ComponentRef
+from hybridize.training.data import PackedData
+from hybridize.distill.stages import DistillConfig, Distiller
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.selection.engine import SelectionConfig, SelectionEngine
 
 
 def make_data(vocab: int, n_train: int, n_heldout: int, seq: int) -> PackedData:
@@ -87,7 +87,7 @@ def shared_run(teacher, data, distill, sel, device, k: int) -> dict[str, Any]:
 
 def independent_probe(teacher, data, distill, sel, device, layer: int) -> dict[str, Any]:
     """One probe as its own pipeline: held-out teacher pass, stage 1, stage 2 of probe_tokens, evaluations."""
-    from hybridize.surgery import build_student
+    from hybridize.model.surgery import build_student
 
     def run() -> dict[str, int]:
         torch.manual_seed(0)

@@ -1,9 +1,9 @@
 """Stage-2 training step: tokens/s, MFU and a per-phase breakdown, hybrid students vs the teacher.
 
 A random-weight Llama of Llama-3.2-1B's shape (``--size 1b``) in bf16 is the teacher. Each case
-trains one student with hybridize's own stage-2 loop (:class:`hybridize.train.Loop` with
-:func:`hybridize.distill.stage2_loss`, the same parameter groups, fused AdamW and clipping as
-:meth:`hybridize.distill.Distiller.stage2`):
+trains one student with hybridize's own stage-2 loop (:class:`hybridize.training.loop.Loop` with
+:func:`hybridize.distill.stages.stage2_loss`, the same parameter groups, fused AdamW and clipping as
+:meth:`hybridize.distill.stages.Distiller.stage2`):
 
 - ``teacher-ce``: the all-softmax teacher fine-tuned with cross-entropy (stage-3 loss, no teacher pass);
 - ``teacher``: the all-softmax teacher "distilled" to itself with the stage-2 KL loop;
@@ -37,10 +37,10 @@ from typing import Any
 import torch
 
 import perf_common as pc
-from hybridize import losses
-from hybridize.distill import stage2_loss, stage3_loss
+from hybridize.training import losses
+from hybridize.distill.stages import stage2_loss, stage3_loss
 from hybridize.ops import common as ops_common
-from hybridize.train import Loop, LoopConfig, autocast_for, param_groups
+from hybridize.training.loop import Loop, LoopConfig, autocast_for, param_groups
 
 DEFAULT_CASES = ("teacher-ce,teacher,gdn,gla,teacher+kl=checkpoint,gdn+kl=checkpoint+aux=torch,gla+kl=checkpoint+aux=torch,"
                  "gdn+kl=checkpoint,gdn+klcompile=0,gdn+compile")
@@ -56,8 +56,8 @@ def parse_case(case: str) -> tuple[str, dict[str, str]]:
 
 
 def build_student(teacher: torch.nn.Module, variant: str, opts: dict[str, str]) -> torch.nn.Module:
-    from hybridize.surgery import build_student as surgery
-    from hybridize.teacher import decoder_layers
+    from hybridize.model.surgery import build_student as surgery
+    from hybridize.model.teacher import decoder_layers
 
     n = len(decoder_layers(teacher))
     if variant in ("teacher", "teacher-ce"):
@@ -145,7 +145,7 @@ def apply_options(opts: dict[str, str], student, teacher) -> None:
     ops_common.FLA_AUX_KERNELS = opts.get("aux", "fla") != "torch"
     losses.COMPILE_KL_ON_CUDA = opts.get("klcompile", "1") != "0"
     if opts.get("compile") == "1":
-        from hybridize.teacher import decoder_layers
+        from hybridize.model.teacher import decoder_layers
 
         for model in (student, teacher):
             for layer in decoder_layers(model):
@@ -182,7 +182,7 @@ def run_case(case: str, teacher, blocks, args, device) -> dict[str, Any]:
     del loop, student
     gc.collect()
     if opts.get("compile") == "1":
-        from hybridize.teacher import decoder_layers
+        from hybridize.model.teacher import decoder_layers
 
         for layer in decoder_layers(teacher):
             layer._compiled_call_impl = None  # the teacher is shared with the next cases

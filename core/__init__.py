@@ -15,31 +15,31 @@ hookimpl = pluggy.HookimplMarker("hybridize")
 
 # Public names resolved lazily so that `import hybridize` stays fast (no torch / transformers at import).
 _LAZY = {
-    "get_plugin_manager": "hybridize.plugins_manager",
-    "HybridizePluginManager": "hybridize.plugins_manager",
-    "Registry": "hybridize.registry",
-    "Entry": "hybridize.registry",
-    "ComponentRef": "hybridize.config",
+    "get_plugin_manager": "hybridize.registry.manager",
+    "HybridizePluginManager": "hybridize.registry.manager",
+    "Registry": "hybridize.registry.entries",
+    "Entry": "hybridize.registry.entries",
+    "ComponentRef": "hybridize.registry.configs",
     "AttentionSpec": "hybridize.linear",
     "TeacherAttentionWeights": "hybridize.linear",
     "LinearAttention": "hybridize.linear",
-    "load_teacher": "hybridize.teacher",
-    "build_student": "hybridize.surgery",
-    "SUPPORTED_ARCHITECTURES": "hybridize.teacher",
-    "load_hybrid": "hybridize.modeling",
-    "save_hybrid": "hybridize.modeling",
-    "HybridCache": "hybridize.cache",
+    "load_teacher": "hybridize.model.teacher",
+    "build_student": "hybridize.model.surgery",
+    "SUPPORTED_ARCHITECTURES": "hybridize.model.teacher",
+    "load_hybrid": "hybridize.model.hybrid",
+    "save_hybrid": "hybridize.model.hybrid",
+    "HybridCache": "hybridize.model.cache",
 }
 
 if TYPE_CHECKING:
-    from hybridize.cache import HybridCache
-    from hybridize.config import ComponentRef
-    from hybridize.modeling import load_hybrid, save_hybrid
+    from hybridize.model.cache import HybridCache
+    from hybridize.registry.configs import ComponentRef
+    from hybridize.model.hybrid import load_hybrid, save_hybrid
     from hybridize.linear import AttentionSpec, LinearAttention, TeacherAttentionWeights
-    from hybridize.plugins_manager import HybridizePluginManager, get_plugin_manager
-    from hybridize.registry import Entry, Registry
-    from hybridize.surgery import build_student
-    from hybridize.teacher import SUPPORTED_ARCHITECTURES, load_teacher
+    from hybridize.registry.manager import HybridizePluginManager, get_plugin_manager
+    from hybridize.registry.entries import Entry, Registry
+    from hybridize.model.surgery import build_student
+    from hybridize.model.teacher import SUPPORTED_ARCHITECTURES, load_teacher
 
 
 def __getattr__(name: str) -> Any:
@@ -56,7 +56,7 @@ __all__ = ["hookimpl", "__version__", *_LAZY]
 # transformers' model classes takes seconds, which `hybridize plugins` should not pay. So the
 # registration runs as soon as transformers itself is imported (now, if it already is).
 def _register_hybrids() -> None:
-    import_module("hybridize.modeling")  # registers at the end of its import (also when it is mid-import now)
+    import_module("hybridize.model.hybrid")  # registers at the end of its import (also when it is mid-import now)
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):

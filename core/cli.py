@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from hybridize.errors import HybridizeError, RemoteError
-from hybridize.registry import KINDS
+from hybridize.registry.entries import KINDS
 
 
 def _config_fields(config_cls: type) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def _plugins_payload(pm: Any) -> dict[str, Any]:
             row["params"] = _config_fields(entry.config_cls)
             rows.append(row)
         components[kind] = rows
-    from hybridize.selection import ChoiceConfig
+    from hybridize.selection.contract import ChoiceConfig
 
     return {"plugins": pm.plugin_info(), "components": components, "selector_distance_params": _config_fields(ChoiceConfig)}
 
@@ -60,7 +60,7 @@ def _print_plugins(payload: dict[str, Any]) -> None:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """List plugins, their versions and hooks, and every registered component by kind."""
-    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.registry.manager import get_plugin_manager
 
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins, collect_broken=True)
     payload = _plugins_payload(pm)  # builds every registry: a hook that raises is recorded in pm.broken too
@@ -78,8 +78,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a hybrid with explicit softmax layers: stage 1 -> 2 (-> 3), save OUT/model and OUT/result.json."""
-    from hybridize.pipeline import distill
-    from hybridize.runconfig import load_run_config
+    from hybridize.recipes.run import distill
+    from hybridize.recipes.runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.set)
     if args.nproc is not None and args.nproc != 1:
@@ -99,8 +99,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Select softmax layers, distil the chosen hybrid, save OUT/model, OUT/result.json and the plots."""
-    from hybridize.pipeline import run
-    from hybridize.runconfig import load_run_config
+    from hybridize.recipes.run import run
+    from hybridize.recipes.runconfig import load_run_config
 
     cfg = load_run_config(args.config, args.set)
     if args.nproc is not None and args.nproc != 1:
@@ -128,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Several selectors head to head at several budgets and seeds; OUT/compare.json, compare.md and plots."""
-    from hybridize.compare import compare, load_compare_config
+    from hybridize.recipes.compare import compare, load_compare_config
 
     base, ccfg = load_compare_config(args.config, args.set)
     result = compare(base, ccfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -142,7 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The offline demo: a self-trained recall teacher, then kl-greedy-add vs uniform vs random."""
-    from hybridize.quickstart import quickstart
+    from hybridize.recipes.quickstart import quickstart
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     result = quickstart(args.out, cache_dir=args.cache_dir, seeds=seeds, ratio=args.ratio, overrides=args.set,
@@ -163,9 +163,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _eval_refs(args: argparse.Namespace) -> list[Any]:
     """Evaluator refs from `hybridize eval` flags: --tasks becomes one lm-eval evaluator, --evaluator adds any other."""
-    from hybridize.config import ComponentRef
+    from hybridize.registry.configs import ComponentRef
     from hybridize.errors import ConfigError
-    from hybridize.yamlio import parse_yaml
+    from hybridize.recipes.yamlio import parse_yaml
 
     refs = []
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
@@ -185,13 +185,13 @@ def _eval_refs(args: argparse.Namespace) -> list[Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved hybrid (or a plain HF teacher directory) with lm-eval tasks and other evaluators."""
-    from hybridize.devices import device_problem
+    from hybridize.training.devices import device_problem
     from hybridize.evaluate import load_for_eval, markdown_table, parse_evaluators, run_evaluators
     from hybridize.errors import ConfigError
-    from hybridize.outputs import write_json, write_json_text
-    from hybridize.pipeline import resolve_device
-    from hybridize.rundir import check_eval_out, prepare_eval_out
-    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.recipes.outputs import write_json, write_json_text
+    from hybridize.recipes.run import resolve_device
+    from hybridize.recipes.rundir import check_eval_out, prepare_eval_out
+    from hybridize.registry.manager import get_plugin_manager
 
     if args.out is not None:
         check_eval_out(args.out)  # before any work, read-only: a bad --out fails at once and nothing is created
@@ -216,8 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _relaunch(args: argparse.Namespace, cfg: Any) -> int:
     """``--nproc N``: check what can be checked here, then run the same command on N processes through torchrun."""
-    from hybridize import distributed
-    from hybridize.rundir import check_out_dir, run_inputs
+    from hybridize.training import parallel as distributed
+    from hybridize.recipes.rundir import check_out_dir, run_inputs
 
     distributed.check_nproc(args.nproc, cfg.device)
     d = cfg.distill
@@ -334,7 +334,7 @@ def _plugin_warnings(skip_broken: bool) -> Iterator[None]:
     import warnings
 
     from hybridize.errors import PluginLoadWarning
-    from hybridize.plugins_manager import ENV_SKIP_BROKEN
+    from hybridize.registry.manager import ENV_SKIP_BROKEN
 
     old_env, old_show = os.environ.get(ENV_SKIP_BROKEN), warnings.showwarning
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from hybridize.config import ComponentRef
+from hybridize.registry.configs import ComponentRef
 from hybridize.errors import ConfigError, HybridizeError
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def load_for_eval(path: str | Path, *, device: str = "cpu") -> EvalTarget:
     """Load a saved hybrid or a plain Hugging Face causal-LM directory, with its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from hybridize.modeling import PREFIX, load_hybrid
+    from hybridize.model.hybrid import PREFIX, load_hybrid
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -160,8 +160,8 @@ def load_for_eval(path: str | Path, *, device: str = "cpu") -> EvalTarget:
     if str(config.model_type).startswith(PREFIX):
         model = load_hybrid(path, device=device)
     else:
-        from hybridize.teacher import check_finite_weights
-        from hybridize.weight_headers import check_weights_match_config
+        from hybridize.model.teacher import check_finite_weights
+        from hybridize.model.weights import check_weights_match_config
 
         what = f"hybridize eval: model directory {str(path)!r}"
         check_weights_match_config(path, config, what)  # safetensors only, complete, matching config.json

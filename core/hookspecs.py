@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from hybridize.registry import RegisterCallback
+    from hybridize.registry.entries import RegisterCallback
 
 hookspec = pluggy.HookspecMarker("hybridize")
 

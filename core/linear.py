@@ -22,7 +22,7 @@ Mode = Literal["chunk", "recurrent"]
 Backend = Literal["auto", "torch", "fla"]
 
 #: The 2-D padding mask (B, T_total) of the current forward, set by the hook that
-#: :func:`hybridize.surgery.build_student` installs on the decoder. 1 = real token, 0 = padding.
+#: :func:`hybridize.model.surgery.build_student` installs on the decoder. 1 = real token, 0 = padding.
 PADDING_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("hybridize_padding_mask", default=None)
 
 
@@ -169,7 +169,7 @@ class LinearAttention(nn.Module):
         The cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier); a
         ``Cache`` under any other name is refused rather than ignored.
         """
-        from hybridize.cache import check_hybrid_cache, pop_cache
+        from hybridize.model.cache import check_hybrid_cache, pop_cache
 
         where = f"layer {self.layer_idx} ({type(self).__name__})"
         cache = pop_cache(where, {"past_key_values": past_key_values, **kwargs})
@@ -192,7 +192,7 @@ class LinearAttention(nn.Module):
         return out, None
 
     def _mix_cached(self, x: torch.Tensor, state: Any, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-        from hybridize import decode_graphs
+        from hybridize.ops import decode_graphs
 
         if decode_graphs.usable(self, x, state, padding_mask):  # one token on CUDA: replay a CUDA graph
             out, state = decode_graphs.decode_step(self, x, state)

@@ -8,7 +8,7 @@ Every check builds the variant on a small GQA teacher spec, runs it on CPU in fl
 
     run_all(get_plugin_manager().registry("linear_attention")["my-variant"])
 
-A variant is given as a registry :class:`~hybridize.registry.Entry` (its config is built from
+A variant is given as a registry :class:`~hybridize.registry.entries.Entry` (its config is built from
 ``{}`` unless ``config`` is passed) or as a ``LinearAttention`` subclass (called as
 ``cls(spec, config)``). The op-level checks test the torch chunked recurrences against their
 ``naive_recurrent_*`` references.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridize.linear import AttentionSpec, LinearAttention, TeacherAttentionWeights
-from hybridize.registry import Entry
+from hybridize.registry.entries import Entry
 
 #: std of the noise added to every parameter after the teacher transfer, so that no part of a
 #: variant (a pass-through convolution, a zero-initialised gate) hides behind its initial value

@@ -19,7 +19,7 @@ from torch import nn
 
 from hybridize import hookimpl
 from hybridize.linear import AttentionSpec, LinearAttention, TeacherAttentionWeights
-from hybridize.teacher import ATTN_IMPLEMENTATION
+from hybridize.model.teacher import ATTN_IMPLEMENTATION
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 

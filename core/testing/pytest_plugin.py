@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture
 def hybridize_pm() -> Any:
     """A fresh plugin manager with the installed plugins; register test plugins on it freely."""
-    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.registry.manager import get_plugin_manager
 
     return get_plugin_manager()
 
@@ -21,7 +21,7 @@ def hybridize_pm() -> Any:
 @pytest.fixture
 def hybridize_bare_pm() -> Any:
     """A fresh plugin manager with no plugins at all (entry points not loaded)."""
-    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.registry.manager import get_plugin_manager
 
     return get_plugin_manager(autoload=False)
 

@@ -55,7 +55,7 @@ def eval_blocks(name: str, data: str | None, target: EvalTarget, seq_len: int, b
         if target.heldout is None:
             raise ConfigError(f"evaluator {name!r} field 'data' is required outside a run: a text/jsonl/parquet file or directory")
         return target.heldout[:blocks]
-    from hybridize.data import load_documents, pack, tokenize_documents
+    from hybridize.training.data import load_documents, pack, tokenize_documents
 
     docs = load_documents(data, field="data", text_field="text")
     tokens = tokenize_documents(docs, target.tokenizer, max_tokens=seq_len * blocks + 1)
@@ -64,7 +64,7 @@ def eval_blocks(name: str, data: str | None, target: EvalTarget, seq_len: int, b
 
 def check_data(name: str, data: str | None) -> list[str]:
     """``data``, when set, must be readable text (read now, before a run writes anything)."""
-    from hybridize.data import DataError, load_documents
+    from hybridize.training.data import DataError, load_documents
 
     if data is None:
         return []
@@ -84,7 +84,7 @@ class HeldoutKL:
     def check(self, tokenizer: Any) -> list[str]:
         """Its data file and its own teacher (without loading weights), when set."""
         from hybridize.errors import HybridizeError
-        from hybridize.teacher import inspect_teacher
+        from hybridize.model.teacher import inspect_teacher
 
         problems = check_data("heldout-kl", self.config.data)
         if self.config.teacher is not None:
@@ -95,12 +95,12 @@ class HeldoutKL:
         return problems
 
     def __call__(self, target: EvalTarget) -> EvalResult:
-        from hybridize.distill import HeldoutEvaluator
+        from hybridize.distill.stages import HeldoutEvaluator
 
         cfg = self.config
         teacher = target.teacher
         if cfg.teacher is not None:
-            from hybridize.teacher import load_teacher
+            from hybridize.model.teacher import load_teacher
 
             teacher = load_teacher(cfg.teacher, device=target.device).model
         if teacher is None:
@@ -126,7 +126,7 @@ class Perplexity:
     def __call__(self, target: EvalTarget) -> EvalResult:
         import torch
 
-        from hybridize.losses import chunked_ce
+        from hybridize.training.losses import chunked_ce
 
         cfg = self.config
         blocks = eval_blocks("perplexity", cfg.data, target, cfg.seq_len, cfg.blocks)

@@ -7,7 +7,7 @@ import attrs
 
 from hybridize import hookimpl
 from hybridize.plugins.scorers import check_layers, require
-from hybridize.selection import ScoreContext
+from hybridize.selection.contract import ScoreContext
 
 
 @attrs.frozen(kw_only=True)

@@ -30,7 +30,7 @@ import torch
 from hybridize import hookimpl
 from hybridize.errors import HybridizeError
 from hybridize.plugins.scorers import check_layers, require
-from hybridize.selection import ScoreContext
+from hybridize.selection.contract import ScoreContext
 
 
 @attrs.frozen(kw_only=True)
@@ -41,7 +41,7 @@ class ProxyScorerConfig:
 @contextmanager
 def attention_hooks(teacher: torch.nn.Module, layers: list[int], make: Callable[[int], Callable]) -> Iterator[None]:
     """Forward hooks ``make(l)`` on the attention module of each of ``layers`` (removed on exit)."""
-    from hybridize.teacher import decoder_layers
+    from hybridize.model.teacher import decoder_layers
 
     blocks = decoder_layers(teacher)
     handles = [blocks[l].self_attn.register_forward_hook(make(l), with_kwargs=True) for l in layers]
@@ -113,8 +113,8 @@ class GradSensitivity(_ProxyScorer):
         Raises:
             HybridizeError: the context lacks the teacher or the held-out batches.
         """
-        from hybridize.losses import chunked_ce
-        from hybridize.train import autocast_for
+        from hybridize.training.losses import chunked_ce
+        from hybridize.training.loop import autocast_for
 
         require("grad-sensitivity", "teacher", ctx, ("teacher", "heldout"))
         layers, device = [int(l) for l in ctx.layers], ctx.device or torch.device("cpu")

@@ -19,7 +19,7 @@ import attrs
 
 from hybridize import hookimpl
 from hybridize.plugins.selectors import check_raw
-from hybridize.selection import Needs, Probe
+from hybridize.selection.contract import Needs, Probe
 
 
 @attrs.frozen(kw_only=True)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import attrs
 
 from hybridize import hookimpl
-from hybridize.selection import Needs, Probe
+from hybridize.selection.contract import Needs, Probe
 
 
 @attrs.frozen(kw_only=True)

@@ -13,7 +13,7 @@ import attrs
 
 from hybridize import hookimpl
 from hybridize.errors import HybridizeError
-from hybridize.selection import Needs, Probe
+from hybridize.selection.contract import Needs, Probe
 
 
 @attrs.frozen(kw_only=True)

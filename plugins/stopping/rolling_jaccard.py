@@ -13,7 +13,7 @@ import attrs
 from hybridize import hookimpl
 from hybridize.errors import HybridizeError
 from hybridize.plugins.stopping import check_k
-from hybridize.selection import mean_pairwise_jaccard
+from hybridize.selection.contract import mean_pairwise_jaccard
 
 _v = attrs.validators
 #: slack on the Jaccard threshold for float rounding of exact fractions (e.g. a mean of exactly 0.9)

@@ -25,7 +25,7 @@ from hybridize.ops.delta_rule import chunk_gated_delta_rule_torch, gated_delta_r
 from hybridize.ops.gla import chunk_gla_torch, gla, naive_recurrent_gla
 from hybridize.plugins.linear_attn.gdn import GatedDeltaNet, GDNConfig, copy_teacher_projections
 from hybridize.plugins.linear_attn.gla import GatedLinearAttention, GLAConfig
-from hybridize.plugins_manager import get_plugin_manager
+from hybridize.registry.manager import get_plugin_manager
 from hybridize.testing import conformance as cf
 
 VARIANTS = sorted(get_plugin_manager().registry("linear_attention"))
@@ -322,7 +322,7 @@ def test_gla_parameters_follow_fla_names_and_gate():
     (GLAConfig, {"chunk_sise": 8}, "Did you mean 'chunk_size'?"),
 ])
 def test_config_errors(cls, params, message):
-    from hybridize.config import build_config
+    from hybridize.registry.configs import build_config
 
     with pytest.raises(ConfigError) as err:
         build_config(cls, params, context="linear_attention 'x'")

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # collected on CPU machines, never run there
 from hybridize.ops.common import fla_available  # noqa: E402
 from hybridize.ops.delta_rule import gated_delta_rule  # noqa: E402
 from hybridize.ops.gla import gla  # noqa: E402
-from hybridize.plugins_manager import get_plugin_manager  # noqa: E402
+from hybridize.registry.manager import get_plugin_manager  # noqa: E402
 from hybridize.testing.models import tiny_model  # noqa: E402
 
 VARIANTS = sorted(get_plugin_manager().registry("linear_attention"))
@@ -51,7 +51,7 @@ def test_op_fla_matches_reference(op, dtype, tol):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cached_generation_equals_uncached_bf16(name):
-    from hybridize.surgery import build_student
+    from hybridize.model.surgery import build_student
 
     teacher = tiny_model("llama", n_layer=4).cuda().to(torch.bfloat16)
     student = build_student(teacher, [1], name).eval()

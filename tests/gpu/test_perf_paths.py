@@ -4,7 +4,7 @@
   checkpointed autograd KL, values and gradients;
 - fla's short-convolution and gated-norm kernels vs their torch forms, values and gradients;
 - a GDN / GLA module on fla's kernels end to end vs the torch reference (bf16);
-- CUDA-graph decoding (hybridize.decode_graphs) vs eager decoding: the same greedy tokens and states.
+- CUDA-graph decoding (hybridize.ops.decode_graphs) vs eager decoding: the same greedy tokens and states.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # collected on CPU machines, never run there
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from hybridize import decode_graphs, losses  # noqa: E402
+from hybridize.ops import decode_graphs  # noqa: E402
+from hybridize.training import losses  # noqa: E402
 from hybridize.ops.common import GatedRMSNorm, ShortConvolution  # noqa: E402
-from hybridize.plugins_manager import get_plugin_manager  # noqa: E402
+from hybridize.registry.manager import get_plugin_manager  # noqa: E402
 
 VARIANTS = sorted(get_plugin_manager().registry("linear_attention"))
 
@@ -107,7 +108,7 @@ def test_module_on_fla_matches_torch_bf16(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cuda_graph_decoding_equals_eager(name, monkeypatch):
-    from hybridize.surgery import build_student
+    from hybridize.model.surgery import build_student
     from hybridize.testing.models import tiny_model
 
     teacher = tiny_model("llama", n_layer=4, d=128, heads=4, kv_heads=2).cuda().to(torch.bfloat16)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from hybridize.cli import main
-from hybridize.compare import aggregate, compare_config_from_dict, markdown_table
+from hybridize.recipes.compare import aggregate, compare_config_from_dict, markdown_table
 from hybridize.errors import ConfigError
 from hybridize.testing.models import save_tiny_teacher
 
@@ -180,7 +180,7 @@ def test_compare_rank_correlation_with_the_reference(crossed):
     assert {(s["selector"], s["probe_variant"]) for s in corr["summary"]} == {
         (s, p) for s in ("grad-sensitivity(min_gap=2)", "swap-kl") for p in ("gdn", "gla")}
     rows = {(r["selector"], r["probe_variant"]): r for r in result["rows"]}
-    from hybridize.selection import spearman
+    from hybridize.selection.contract import spearman
 
     for p in corr["pairs"]:
         row, ref = rows[(p["selector"], p["probe_variant"])], rows[("kl-greedy-add", p["probe_variant"])]
@@ -207,7 +207,7 @@ def test_compare_variant_and_distance_errors(setup, section, message):
 
 
 def test_compare_refuses_an_impossible_gap_before_any_work(setup, tmp_path):
-    from hybridize.compare import compare
+    from hybridize.recipes.compare import compare
 
     root, teacher = setup
     base, ccfg = compare_config_from_dict(config(root, teacher, selectors=[{"name": "uniform", "min_gap": 2}], softmax_layers=[3]))

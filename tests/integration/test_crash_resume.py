@@ -24,8 +24,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hybridize.integrity import MANIFEST, IntegrityError, verify_manifest
-from hybridize.modeling import load_hybrid
+from hybridize.atomic_io import MANIFEST, IntegrityError, verify_manifest
+from hybridize.model.hybrid import load_hybrid
 from hybridize.testing.models import save_tiny_teacher
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill chain forks its processes (POSIX)")
@@ -44,7 +44,7 @@ CONFIG = {
 
 WARM = textwrap.dedent("""
     import json, os, sys
-    import hybridize.cli, hybridize.pipeline, hybridize.select, hybridize.modeling, datasets, matplotlib
+    import hybridize.cli, hybridize.recipes.run, hybridize.selection.engine, hybridize.model.hybrid, datasets, matplotlib
     from transformers import LlamaForCausalLM
     matplotlib.use("Agg")
     import matplotlib.pyplot

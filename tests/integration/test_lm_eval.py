@@ -11,13 +11,13 @@ import torch
 import yaml
 
 from hybridize.cli import main
-from hybridize.config import ComponentRef
+from hybridize.registry.configs import ComponentRef
 from hybridize.errors import HybridizeError
 from hybridize.evaluate import EvalTarget, run_evaluators
-from hybridize.modeling import as_hybrid, save_hybrid
+from hybridize.model.hybrid import as_hybrid, save_hybrid
 from hybridize.plugins.evals import swde
 from hybridize.plugins.evals.network import network
-from hybridize.surgery import build_student
+from hybridize.model.surgery import build_student
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
 
 pytest.importorskip("lm_eval")

@@ -8,7 +8,7 @@ import re
 import attrs
 import pytest
 
-from hybridize import quickstart as qs
+from hybridize.recipes import quickstart as qs
 from hybridize.cli import main
 
 TINY = qs.RecallSpec(n_keys=4, n_values=3, n_pairs=3, seq_len=24, hidden=32, layers=2, heads=2, kv_heads=1,
@@ -87,8 +87,8 @@ def test_recall_task_runs_through_lm_eval_on_the_teacher(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hybridize.evaluate import EvalTarget, run_evaluators
-    from hybridize.plugins_manager import get_plugin_manager
-    from hybridize.config import ComponentRef
+    from hybridize.registry.manager import get_plugin_manager
+    from hybridize.registry.configs import ComponentRef
 
     root, result = tiny_run
     teacher = result["quickstart"]["teacher"]
@@ -110,7 +110,7 @@ def test_quickstart_refuses_an_existing_out_dir(tmp_path, capsys):
 
 def test_lm_eval_include_path_must_exist(tmp_path):
     from hybridize.errors import ConfigError
-    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.registry.manager import get_plugin_manager
 
     with pytest.raises(ConfigError, match="include_path"):
         get_plugin_manager().registry("evaluator")["lm-eval"].build_config({"tasks": ["x"], "include_path": [str(tmp_path / "nope")]})

@@ -9,12 +9,12 @@ import torch
 import yaml
 
 from hybridize.cli import main
-from hybridize.config import ComponentRef
-from hybridize.data import DataConfig, prepare_data
-from hybridize.distill import DistillConfig
+from hybridize.registry.configs import ComponentRef
+from hybridize.training.data import DataConfig, prepare_data
+from hybridize.distill.stages import DistillConfig
 from hybridize.errors import ConfigError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.select import SelectionConfig, SelectionEngine
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.selection.engine import SelectionConfig, SelectionEngine
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
 
 TEXT = "\n\n".join(
@@ -162,7 +162,7 @@ def test_gdn_probes_choose_the_layers_of_a_gla_hybrid(tmp_path, corpus, capsys):
 
 
 def test_probe_variant_defaults_to_the_final_variant_and_is_validated(corpus):
-    from hybridize.runconfig import run_config_from_dict
+    from hybridize.recipes.runconfig import run_config_from_dict
 
     tree = {"teacher": "t", "data": {"train": str(corpus)}, "linear_attention": "gla"}
     assert run_config_from_dict(tree).selection.linear_attention is None
@@ -232,7 +232,7 @@ def test_attention_entropy_of_uniform_attention_is_one(data):
 
 def test_grad_sensitivity_equals_per_position_loss_derivatives(data):
     """raw(l) = sum_t |dCE/d alpha_t| with a_l(t) scaled by alpha_t: an independent way to the same number."""
-    from hybridize.losses import chunked_ce
+    from hybridize.training.losses import chunked_ce
 
     teacher = tiny_model("llama", n_layer=3, seed=2)
     raw = engine(teacher, data, "grad-sensitivity").run()["raw_scores"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.surgery import build_student, linear_layers
-from hybridize.teacher import Teacher, load_teacher
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.model.surgery import build_student, linear_layers
+from hybridize.model.teacher import Teacher, load_teacher
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 TEACHER_DIR = SHARED / "teachers" / "stories260K"

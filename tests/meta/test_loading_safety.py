@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybridize.errors import HybridizeError
-from hybridize.teacher import load_teacher
+from hybridize.model.teacher import load_teacher
 from hybridize.testing.models import save_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def _weights_only_true(call: ast.Call) -> bool:
 
 
 def test_the_scan_sees_the_sources():
-    assert any(p.name == "train.py" for p in SOURCES) and len(SOURCES) > 20
+    assert any(p.name == "loop.py" for p in SOURCES) and len(SOURCES) > 20
 
 
 def test_every_torch_load_passes_weights_only_true():

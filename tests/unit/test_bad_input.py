@@ -14,8 +14,8 @@ import yaml
 from transformers import AutoConfig
 
 from hybridize.cli import main
-from hybridize.distill import DistillConfig
-from hybridize.plugins_manager import get_plugin_manager
+from hybridize.distill.stages import DistillConfig
+from hybridize.registry.manager import get_plugin_manager
 from hybridize.testing.models import save_tiny_teacher, tiny_tokenizer
 
 from test_plugins import fake_distribution  # tests/unit is on sys.path (pytest's rootdir-relative imports)

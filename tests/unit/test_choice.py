@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridize.errors import ConfigError, HybridizeError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.runconfig import run_config_from_dict
-from hybridize.selection import ChoiceConfig, build_selector_configs, choose, rank, spearman
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.recipes.runconfig import run_config_from_dict
+from hybridize.selection.contract import ChoiceConfig, build_selector_configs, choose, rank, spearman
 
 SETTINGS = settings(max_examples=60, deadline=None)
 score = st.one_of(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), st.sampled_from([0.0, 1.0, math.inf, -math.inf]))

@@ -14,7 +14,7 @@ import torch
 from hybridize import hookimpl
 from hybridize.cli import main
 from hybridize.errors import ConfigError
-from hybridize.runconfig import load_run_config, run_config_from_dict
+from hybridize.recipes.runconfig import load_run_config, run_config_from_dict
 
 BASE = "teacher: t\ndata:\n  train: d.txt\n  seq_len: 16\n"
 

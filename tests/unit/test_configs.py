@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybridize.compare import compare_config_from_dict
-from hybridize.runconfig import run_config_from_dict
+from hybridize.recipes.compare import compare_config_from_dict
+from hybridize.recipes.runconfig import run_config_from_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hybridize.data import BlockSampler, DataConfig, DataError, load_documents, pack, prepare_data, split_blocks
+from hybridize.training.data import BlockSampler, DataConfig, DataError, load_documents, pack, prepare_data, split_blocks
 
 
 class CharTokenizer:
@@ -111,7 +111,7 @@ def test_local_text_needs_no_datasets(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("a\n\nb\n")
     code = ("import sys; sys.modules['datasets'] = None\n"
-            "from hybridize.data import load_documents, DataError\n"
+            "from hybridize.training.data import load_documents, DataError\n"
             f"assert load_documents({str(f)!r}) == ['a', 'b']\n"
             "try:\n    load_documents('some-org/some-set')\nexcept DataError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -8,13 +8,13 @@ import torch
 import yaml
 
 from hybridize.cli import main
-from hybridize.data import DataConfig, prepare_data
-from hybridize.distill import DistillConfig, Distiller, alignment_losses, capture_attention, linear_modules
+from hybridize.training.data import DataConfig, prepare_data
+from hybridize.distill.stages import DistillConfig, Distiller, alignment_losses, capture_attention, linear_modules
 from hybridize.errors import ConfigError
-from hybridize.losses import chunked_kl
-from hybridize.modeling import load_hybrid
-from hybridize.runconfig import run_config_from_dict
-from hybridize.surgery import build_student
+from hybridize.training.losses import chunked_kl
+from hybridize.model.hybrid import load_hybrid
+from hybridize.recipes.runconfig import run_config_from_dict
+from hybridize.model.surgery import build_student
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
 
 TEXT = "\n\n".join(

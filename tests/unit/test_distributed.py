@@ -24,14 +24,14 @@ import pytest
 import torch
 import yaml
 
-from hybridize.config import ComponentRef
-from hybridize.data import DataConfig, prepare_data
-from hybridize.distill import DistillConfig, Distiller
-from hybridize.distributed import Dist, ProbeCheckpoints, check_batch, check_nproc, probes_per_rank, strip_nproc
+from hybridize.registry.configs import ComponentRef
+from hybridize.training.data import DataConfig, prepare_data
+from hybridize.distill.stages import DistillConfig, Distiller
+from hybridize.training.parallel import Dist, ProbeCheckpoints, check_batch, check_nproc, probes_per_rank, strip_nproc
 from hybridize.errors import ConfigError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.select import ProbeDivergedWarning, SelectionConfig, SelectionEngine
-from hybridize.surgery import build_student
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.selection.engine import ProbeDivergedWarning, SelectionConfig, SelectionEngine
+from hybridize.model.surgery import build_student
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
@@ -215,7 +215,7 @@ def test_a_failure_on_rank_0_reaches_every_rank(tmp_path):
 
 
 def test_probe_checkpoints_pick_the_newest_step_every_rank_has(tmp_path):
-    from hybridize.train import atomic_torch_save
+    from hybridize.training.loop import atomic_torch_save
 
     def state(step, layers):
         return {"step": step, "probes": {l: {"model": {}, "optimizer": {}, "scheduler": {}} for l in layers}}

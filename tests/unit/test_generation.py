@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 
-from hybridize.cache import CACHE_ARG_NAMES, HybridCache, cache_arg_name
+from hybridize.model.cache import CACHE_ARG_NAMES, HybridCache, cache_arg_name
 from hybridize.errors import HybridizeError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.surgery import build_student
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.model.surgery import build_student
 from hybridize.testing.models import tiny_model
 
 VARIANTS = sorted(get_plugin_manager().registry("linear_attention"))

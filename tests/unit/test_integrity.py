@@ -9,11 +9,11 @@ import torch
 
 from hybridize import faults
 from hybridize.errors import ConfigError
-from hybridize.integrity import MANIFEST, IntegrityError, record_checkpoint, verify_manifest, write_manifest
-from hybridize.modeling import load_hybrid, save_hybrid
-from hybridize.surgery import build_student
+from hybridize.atomic_io import MANIFEST, IntegrityError, record_checkpoint, verify_manifest, write_manifest
+from hybridize.model.hybrid import load_hybrid, save_hybrid
+from hybridize.model.surgery import build_student
 from hybridize.testing.models import tiny_model, tiny_tokenizer
-from hybridize.train import Loop, LoopConfig, NonFiniteLossError, atomic_torch_save, load_checkpoint
+from hybridize.training.loop import Loop, LoopConfig, NonFiniteLossError, atomic_torch_save, load_checkpoint
 
 FIX = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
 

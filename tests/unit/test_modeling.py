@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hybridize.errors import HybridizeError
-from hybridize.integrity import write_manifest
-from hybridize.modeling import load_hybrid, save_hybrid
-from hybridize.surgery import build_student
+from hybridize.atomic_io import write_manifest
+from hybridize.model.hybrid import load_hybrid, save_hybrid
+from hybridize.model.surgery import build_student
 from hybridize.testing.models import FAMILIES, tiny_model, tiny_tokenizer
 
 
@@ -72,7 +72,7 @@ def test_missing_variant_plugin_names_it(tmp_path):
 def test_auto_model_loads_the_hybrid_backbone_and_decodes_with_its_cache(tmp_path):
     from transformers import AutoModel
 
-    from hybridize.cache import HybridCache, cache_arg_name
+    from hybridize.model.cache import HybridCache, cache_arg_name
 
     student = build_student(tiny_model("llama", n_layer=3), [1], "gdn").eval()
     save_hybrid(student, tmp_path / "m")
@@ -93,7 +93,7 @@ def test_auto_model_from_pretrained_verifies_the_manifest(tmp_path):
     """A damaged saved hybrid is refused by name through AutoModelForCausalLM too, as load_hybrid refuses it."""
     from transformers import AutoModelForCausalLM
 
-    from hybridize.integrity import MANIFEST, IntegrityError, sha256_file
+    from hybridize.atomic_io import MANIFEST, IntegrityError, sha256_file
 
     save_hybrid(build_student(tiny_model("llama", n_layer=2), [0], "gdn"), tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
@@ -115,7 +115,7 @@ def test_auto_model_from_pretrained_verifies_the_manifest(tmp_path):
 
 
 def test_load_hybrid_hashes_the_directory_once(tmp_path, monkeypatch):
-    from hybridize import integrity
+    from hybridize import atomic_io as integrity
 
     save_hybrid(build_student(tiny_model("llama", n_layer=2), [0], "gdn"), tmp_path / "m")
     calls = []

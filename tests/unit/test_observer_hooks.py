@@ -74,8 +74,8 @@ def test_pipeline_reports_steps_and_windows_to_log_and_hooks(recorder, tmp_path)
     """Steps and selection windows reach OUT/metrics.jsonl and hybridize_step_end (probes as "probe:<layer>")."""
     import json
 
-    from hybridize.outputs import MetricsLog
-    from hybridize.pipeline import _observe, _observe_windows
+    from hybridize.recipes.outputs import MetricsLog
+    from hybridize.recipes.run import _observe, _observe_windows
 
     pm, rec = recorder
     log = MetricsLog(tmp_path, resume=False)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from hybridize.cli import main
-from hybridize.rundir import MARKER
+from hybridize.recipes.rundir import MARKER
 
 from test_bad_input import base, files, one_thread  # noqa: F401 - fixtures (tests/unit is on sys.path)
 
@@ -178,13 +178,13 @@ def test_no_code_path_deletes_with_a_broad_call():
 
     root = Path(__file__).parents[2]
     reviewed = {
-        "core/rundir.py": 2,        # empty_own_dir, after check_overwrite: OUT's own entries
-        "core/integrity.py": 3,     # forget_checkpoint (a recorded checkpoint); clean_write (its own temporary file or dir)
-        "core/outputs.py": 2,       # replace_dir: its own `.NAME.old`
-        "core/modeling.py": 1,      # save_hybrid: its own `.NAME.tmp`
-        "core/quickstart.py": 3,    # ensure_teacher: its own temporary and cached teacher in the cache directory
-        "core/distributed.py": 1,   # probe checkpoints: rank directories of another layout, inside checkpoints/selection
-        "core/train.py": 1,         # atomic_torch_save: its own `.NAME.tmp*` left by a killed process
+        "core/recipes/rundir.py": 2,        # empty_own_dir, after check_overwrite: OUT's own entries
+        "core/atomic_io.py": 3,     # forget_checkpoint (a recorded checkpoint); clean_write (its own temporary file or dir)
+        "core/recipes/outputs.py": 2,       # replace_dir: its own `.NAME.old`
+        "core/model/hybrid.py": 1,      # save_hybrid: its own `.NAME.tmp`
+        "core/recipes/quickstart.py": 3,    # ensure_teacher: its own temporary and cached teacher in the cache directory
+        "core/training/parallel.py": 1,   # probe checkpoints: rank directories of another layout, inside checkpoints/selection
+        "core/training/loop.py": 1,         # atomic_torch_save: its own `.NAME.tmp*` left by a killed process
     }
     found = {}
     for path in sorted((root / "core").rglob("*.py")) + sorted((root / "plugins").rglob("*.py")):

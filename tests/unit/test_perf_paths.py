@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridize import decode_graphs
+from hybridize.ops import decode_graphs
 from hybridize.linear import PADDING_MASK, _current_padding_mask, forget_padding_mask
-from hybridize.losses import chunked_kl
+from hybridize.training.losses import chunked_kl
 from hybridize.ops.common import ShortConvolution
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from hybridize.cli import main
 from hybridize.errors import PluginHookNameError, PluginLoadError, PluginLoadWarning, UnknownComponentError
-from hybridize.plugins_manager import get_plugin_manager
+from hybridize.registry.manager import get_plugin_manager
 
 from test_plugins import fake_distribution  # tests/unit is on sys.path (pytest's rootdir-relative imports)
 

@@ -18,8 +18,8 @@ from hybridize.errors import (
     PluginReturnError,
     UnknownComponentError,
 )
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.registry import KINDS
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.registry.entries import KINDS
 
 
 @attrs.frozen(kw_only=True)

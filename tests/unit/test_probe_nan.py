@@ -10,12 +10,12 @@ import yaml
 
 from hybridize import hookimpl
 from hybridize.cli import main
-from hybridize.config import ComponentRef
-from hybridize.data import DataConfig, prepare_data
-from hybridize.distill import DistillConfig
+from hybridize.registry.configs import ComponentRef
+from hybridize.training.data import DataConfig, prepare_data
+from hybridize.distill.stages import DistillConfig
 from hybridize.errors import HybridizeError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.select import ProbeDivergedWarning, SelectionConfig, SelectionEngine
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.selection.engine import ProbeDivergedWarning, SelectionConfig, SelectionEngine
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
 
 TEXT = "\n\n".join(f"record {i}: key {chr(97 + i % 26)}{chr(97 + (3 * i) % 26)} has value {i % 10}." for i in range(60))
@@ -177,7 +177,7 @@ def test_cli_run_marks_the_failed_probe_in_result_json(tmp_path, corpus, monkeyp
 
 
 def test_bad_retry_scale_is_a_config_error():
-    from hybridize.config import build_config
+    from hybridize.registry.configs import build_config
 
     with pytest.raises(HybridizeError, match=r"selection field 'nan_retry_lr_scale' must be < 1.0; got 1.0"):
         build_config(SelectionConfig, {"nan_retry_lr_scale": 1.0}, context="selection")

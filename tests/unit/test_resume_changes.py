@@ -167,7 +167,7 @@ def test_resume_refuses_another_teacher_at_the_same_path(files, tmp_path, capsys
 
 def test_disk_full_while_writing_a_checkpoint(files, tmp_path, capsys, monkeypatch):
     """ENOSPC inside torch.save: one line with the path and the space needed, no temporary file; then --resume finishes."""
-    import hybridize.train as train
+    import hybridize.training.loop as train
 
     real_save = train.torch.save
 
@@ -209,7 +209,7 @@ def test_disk_full_while_writing_result_json(files, tmp_path, capsys, monkeypatc
 
 
 def test_any_other_os_error_is_one_line(files, tmp_path, capsys, monkeypatch):
-    import hybridize.pipeline as pipeline
+    import hybridize.recipes.run as pipeline
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out" / "distill.png"))

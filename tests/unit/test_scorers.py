@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from hybridize.distill import HeldoutEvaluator, alignment_losses, linear_modules
-from hybridize.surgery import build_student
+from hybridize.distill.stages import HeldoutEvaluator, alignment_losses, linear_modules
+from hybridize.model.surgery import build_student
 from hybridize.testing.models import tiny_model
 
 from hybridize.errors import ConfigError, HybridizeError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.selection import ScoreContext, rank
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.selection.contract import ScoreContext, rank
 
 SCORERS = sorted(get_plugin_manager().registry("scorer"))
 

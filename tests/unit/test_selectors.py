@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridize.errors import ConfigError, HybridizeError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.selection import Probe, rank
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.selection.contract import Probe, rank
 
 _REGISTRY = get_plugin_manager().registry("selector")
 SELECTORS = sorted(_REGISTRY)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridize.errors import ConfigError, HybridizeError
-from hybridize.plugins_manager import get_plugin_manager
-from hybridize.selection import mean_pairwise_jaccard
+from hybridize.registry.manager import get_plugin_manager
+from hybridize.selection.contract import mean_pairwise_jaccard
 
 STOPS = sorted(get_plugin_manager().registry("stop_criterion"))
 SETTINGS = settings(max_examples=60, deadline=None)

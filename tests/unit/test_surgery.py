@@ -8,8 +8,8 @@ import torch
 
 from hybridize.errors import ConfigError, PluginReturnError, UnknownComponentError, UnsupportedArchitectureError
 from hybridize.linear import PADDING_MASK, LinearAttention
-from hybridize.plugins_manager import HybridizePluginManager, get_plugin_manager
-from hybridize.surgery import build_student, install_padding_hook, linear_layers, softmax_layers
+from hybridize.registry.manager import HybridizePluginManager, get_plugin_manager
+from hybridize.model.surgery import build_student, install_padding_hook, linear_layers, softmax_layers
 from hybridize.testing.models import FAMILIES, CumsumConfig, ToyVariantPlugin, tiny_model
 
 TOY = "toy-cumsum"

@@ -8,7 +8,7 @@ import torch
 
 from hybridize.errors import HybridizeError, UnsupportedArchitectureError
 from hybridize.linear import AttentionSpec
-from hybridize.teacher import (
+from hybridize.model.teacher import (
     SUPPORTED_ARCHITECTURES,
     attention_spec,
     check_supported,

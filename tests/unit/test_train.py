@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hybridize.train import Loop, LoopConfig, cosine_lambda
+from hybridize.training.loop import Loop, LoopConfig, cosine_lambda
 
 
 class TinyLM(nn.Module):

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hybridize.config import config_to_dict
+from hybridize.registry.configs import config_to_dict
 from hybridize.errors import ConfigError, PluginReturnError
 from hybridize.linear import PADDING_MASK, LinearAttention, forget_padding_mask
-from hybridize.registry import Entry
-from hybridize.teacher import Teacher, attention_spec, decoder_layers, teacher_attention_weights
+from hybridize.registry.entries import Entry
+from hybridize.model.teacher import Teacher, attention_spec, decoder_layers, teacher_attention_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from hybridize.plugins_manager import HybridizePluginManager
+    from hybridize.registry.manager import HybridizePluginManager
 
 # tokens of PADDING_MASK.set calls made by the pre-hook, innermost last (per thread / context)
 _MASK_TOKENS: contextvars.ContextVar[tuple[contextvars.Token, ...]] = contextvars.ContextVar(
@@ -62,8 +62,8 @@ def check_softmax_layers(value: Any, num_layers: int, *, field: str = "build_stu
 
 
 def as_hybrid(model: nn.Module) -> nn.Module:
-    """Give a student its hybrid class (cache handling, save/load); see :mod:`hybridize.modeling`."""
-    from hybridize.modeling import as_hybrid as convert
+    """Give a student its hybrid class (cache handling, save/load); see :mod:`hybridize.model.hybrid`."""
+    from hybridize.model.hybrid import as_hybrid as convert
 
     return convert(model)
 
@@ -72,7 +72,7 @@ def _resolve_variant(variant: str | Entry, pm: HybridizePluginManager | None) ->
     if isinstance(variant, Entry):
         return variant
     if pm is None:
-        from hybridize.plugins_manager import get_plugin_manager
+        from hybridize.registry.manager import get_plugin_manager
 
         pm = get_plugin_manager()
     return pm.registry("linear_attention")[variant]
@@ -114,7 +114,7 @@ def build_student(
     """Build a hybrid student: a copy of the teacher with linear attention outside ``softmax_layers``.
 
     Args:
-        teacher: a supported causal LM (or the :class:`~hybridize.teacher.Teacher` from ``load_teacher``).
+        teacher: a supported causal LM (or the :class:`~hybridize.model.teacher.Teacher` from ``load_teacher``).
         softmax_layers: indices of the layers that keep softmax attention; all others become linear.
         variant: a registered linear-attention name (e.g. ``"gdn"``) or a registry ``Entry``.
         params: the variant's config params; unknown keys and wrong types are a ConfigError.
@@ -167,8 +167,8 @@ def install_padding_hook(model: nn.Module) -> None:
     - A forward pre-hook sets :data:`hybridize.linear.PADDING_MASK` from the ``attention_mask``
       argument (None unless it is 2-D), and a forward hook restores the previous value
       afterwards, also when the forward raises, so linear layers see the padding.
-    - A forward pre-hook (:func:`hybridize.cache.guard_backbone_cache`) gives the backbone a
-      :class:`~hybridize.cache.HybridCache` when ``use_cache`` is on and refuses a cache without
+    - A forward pre-hook (:func:`hybridize.model.cache.guard_backbone_cache`) gives the backbone a
+      :class:`~hybridize.model.cache.HybridCache` when ``use_cache`` is on and refuses a cache without
       recurrent state, under either name transformers uses for the argument; so the base model
       alone (what ``AutoModel`` returns) decodes like the whole hybrid.
 
@@ -179,7 +179,7 @@ def install_padding_hook(model: nn.Module) -> None:
 
 def install_backbone_hooks(backbone: nn.Module) -> None:
     """:func:`install_padding_hook` on the decoder backbone itself (a hybrid's ``model.model``, or what AutoModel loads)."""
-    from hybridize.cache import guard_backbone_cache
+    from hybridize.model.cache import guard_backbone_cache
 
     if _set_padding_mask in backbone._forward_pre_hooks.values():
         return

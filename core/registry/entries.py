@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from hybridize.config import build_config
+from hybridize.registry.configs import build_config
 from hybridize.errors import DuplicateNameError, PluginReturnError, UnknownComponentError
 
 #: kind -> the registration hook that fills it

@@ -6,7 +6,7 @@ loading the teacher's weights:
 
 - the teacher: ``config.json`` (present, readable, a supported architecture), the tokenizer (present,
   loadable, within the vocabulary), the weights (safetensors only, complete, matching the config's
-  tensor names and shapes: :mod:`hybridize.weight_headers`);
+  tensor names and shapes: :mod:`hybridize.model.weights`);
 - the softmax layers against the teacher's layer count: K or ratio, explicit lists, ``min_gap`` of
   every selector at every budget;
 - the data: every file readable, not empty, holding text, at least one block of ``data.seq_len``
@@ -33,8 +33,8 @@ COMMANDS = ("run", "distill", "compare")
 class Checked:
     """What the preflight found: the teacher's files, the packed data (of ``seed``), K per budget."""
 
-    teacher: Any  # hybridize.teacher.TeacherFiles
-    data: Any  # hybridize.data.PackedData
+    teacher: Any  # hybridize.model.teacher.TeacherFiles
+    data: Any  # hybridize.training.data.PackedData
     seed: int
     ks: dict[Any, int]
 
@@ -59,9 +59,9 @@ def check_run(cfg: Any, pm: Any, *, command: str, budgets: Sequence[Any] | None 
         ConfigError: every problem of the layers, data, sequence length and evaluators together.
         HybridizeError: the teacher cannot be used (naming the file and the fix).
     """
-    from hybridize.data import DataError, prepare_data
+    from hybridize.training.data import DataError, prepare_data
     from hybridize.evaluate import check_evaluators
-    from hybridize.teacher import inspect_teacher
+    from hybridize.model.teacher import inspect_teacher
 
     if command not in COMMANDS:
         raise ValueError(f"check_run field 'command' must be one of {COMMANDS}; got {command!r}")
@@ -92,8 +92,8 @@ def check_run(cfg: Any, pm: Any, *, command: str, budgets: Sequence[Any] | None 
 def _budgets(cfg: Any, pm: Any, command: str, n_layers: int, budgets: Sequence[Any] | None, selectors: Sequence[Any] | None,
              problems: list[str]) -> dict[Any, int]:
     """K of every budget; explicit layer lists and every selector's ``min_gap`` checked against ``n_layers``."""
-    from hybridize.selection import build_selector_configs, resolve_budget
-    from hybridize.surgery import check_softmax_layers
+    from hybridize.selection.contract import build_selector_configs, resolve_budget
+    from hybridize.model.surgery import check_softmax_layers
 
     if command == "distill":
         return _distill_layers(cfg.softmax_layers, n_layers, problems)
@@ -121,7 +121,7 @@ def _key(budget: Any) -> Any:
 
 
 def _distill_layers(layers: list[int], n_layers: int, problems: list[str]) -> dict[Any, int]:
-    from hybridize.surgery import check_softmax_layers
+    from hybridize.model.surgery import check_softmax_layers
 
     field = "hybridize distill field 'softmax_layers'"
     try:

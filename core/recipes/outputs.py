@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from hybridize.errors import HybridizeError
-from hybridize.rundir import check_out_dir, prepare_out_dir  # noqa: F401 - their home until issue 17; import from rundir
+from hybridize.recipes.rundir import check_out_dir, prepare_out_dir  # noqa: F401 - their home until issue 17; import from rundir
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file (flushed to disk) and an atomic rename."""
-    from hybridize.integrity import clean_write
+    from hybridize.atomic_io import clean_write
 
     tmp = path.with_name(f".{path.name}.tmp")
     text = json.dumps(payload, indent=2, default=str) + "\n"
@@ -27,7 +27,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 def write_json_text(path: Path, text: str) -> None:
     """Write a text file through a temporary file and an atomic rename (no half-written file, none left over)."""
-    from hybridize.integrity import clean_write, fsync_write
+    from hybridize.atomic_io import clean_write, fsync_write
 
     tmp = path.with_name(f".{path.name}.tmp")
     data = text.encode()
@@ -97,12 +97,12 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-from hybridize.resume import RUN_CONFIG, check_resume_config  # noqa: E402,F401 - re-exported
+from hybridize.recipes.resume import RUN_CONFIG, check_resume_config  # noqa: E402,F401 - re-exported
 
 
 def finish_run_dir(out: Path) -> Path:
     """Write ``OUT/hybridize-manifest.json`` (every output except checkpoints), last of all."""
-    from hybridize.integrity import write_manifest
+    from hybridize.atomic_io import write_manifest
 
     return write_manifest(out, exclude=("checkpoints",))
 
@@ -228,7 +228,7 @@ def _label_line_ends(ax: Any, x: float, ends: dict[int, float], chosen: set[int]
 
 def plot_jaccard(selection: dict[str, Any], path: Path, title: str, windows: int = 10, threshold: float | None = 0.9) -> Path:
     """Top-K Jaccard between consecutive windows and over the trailing ``windows`` windows."""
-    from hybridize.selection import mean_pairwise_jaccard
+    from hybridize.selection.contract import mean_pairwise_jaccard
 
     plt = _plt()
     traj = selection["trajectory"]

@@ -311,9 +311,9 @@ def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Pat
     """
     import yaml
 
-    from hybridize.compare import compare, compare_config_from_dict
-    from hybridize.rundir import prepare_out_dir
-    from hybridize.runconfig import apply_overrides
+    from hybridize.recipes.compare import compare, compare_config_from_dict
+    from hybridize.recipes.rundir import prepare_out_dir
+    from hybridize.recipes.runconfig import apply_overrides
 
     t0 = time.perf_counter()
     spec = spec or RecallSpec()
@@ -336,7 +336,7 @@ def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Pat
     result = compare(base, ccfg, out, resume=True, progress=progress)
     result["quickstart"] = {"teacher": str(teacher), "teacher_info": info, "task_dir": str(task_dir),
                             "wall_seconds": round(time.perf_counter() - t0, 1)}
-    from hybridize.outputs import write_json
+    from hybridize.recipes.outputs import write_json
 
     write_json(out / "compare.json", result)
     return result

@@ -11,7 +11,7 @@ A selection is split in two, as the paper's methods are:
    importance per layer (higher = keep softmax); :func:`choose` keeps the top K, optionally kept
    apart by a :class:`ChoiceConfig` (minimum gap, penalty on nearby picks).
 
-The engine (:mod:`hybridize.select`) runs the scoring at every evaluation window, so a
+The engine (:mod:`hybridize.selection.engine`) runs the scoring at every evaluation window, so a
 :class:`StopCriterion` can end the probes early once the top-K set has settled.
 
 Factories registered by plugins:
@@ -202,7 +202,7 @@ CHOICE_FIELDS = tuple(f.name for f in attrs.fields(ChoiceConfig))
 
 def split_selector_params(name: str, params: Mapping[str, Any]) -> tuple[dict[str, Any], ChoiceConfig]:
     """Split a selector's params into its own and the :class:`ChoiceConfig` ones (validated)."""
-    from hybridize.config import build_config
+    from hybridize.registry.configs import build_config
 
     own = {k: v for k, v in params.items() if k not in CHOICE_FIELDS}
     choice = build_config(ChoiceConfig, {k: v for k, v in params.items() if k in CHOICE_FIELDS}, context=f"selector {name!r}")

@@ -21,16 +21,16 @@ import attrs
 import torch
 from torch import nn
 
-from hybridize.config import ComponentRef
-from hybridize.data import BlockSampler, PackedData
-from hybridize.distill import DistillConfig, Distiller, alignment_losses, linear_modules
-from hybridize.distributed import SINGLE, ProbeCheckpoints, gather_window
+from hybridize.registry.configs import ComponentRef
+from hybridize.training.data import BlockSampler, PackedData
+from hybridize.distill.stages import DistillConfig, Distiller, alignment_losses, linear_modules
+from hybridize.training.parallel import SINGLE, ProbeCheckpoints, gather_window
 from hybridize import faults
 from hybridize.errors import ConfigError, HybridizeError
-from hybridize.losses import chunked_kl
-from hybridize.selection import ChoiceConfig, Probe, ScoreContext, build_selector_configs, choose, jaccard, rank, resolve_budget
-from hybridize.teacher import decoder_layers
-from hybridize.train import autocast_for, cosine_lambda, param_groups, rng_state, set_rng_state
+from hybridize.training.losses import chunked_kl
+from hybridize.selection.contract import ChoiceConfig, Probe, ScoreContext, build_selector_configs, choose, jaccard, rank, resolve_budget
+from hybridize.model.teacher import decoder_layers
+from hybridize.training.loop import autocast_for, cosine_lambda, param_groups, rng_state, set_rng_state
 
 ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
 
@@ -41,7 +41,7 @@ class SelectionConfig:
 
     Args:
         selector: the selector and its params, e.g. ``{name: kl-greedy-add}``. Every selector also takes
-            the distance options of :class:`~hybridize.selection.ChoiceConfig` (``min_gap``,
+            the distance options of :class:`~hybridize.selection.contract.ChoiceConfig` (``min_gap``,
             ``gap_penalty``, ``gap_radius``), e.g. ``{name: kl-greedy-add, min_gap: 2}``.
         scorer: the scorer (None = the selector's default: kl for probes, mse for stage 1).
         linear_attention: the linear-attention variant of the probes and of the shared stage 1 that
@@ -155,7 +155,7 @@ class SelectionEngine:
     on_window: Any = None  # called with each evaluation window's trajectory record
     on_step: Any = None  # (stage, step, tokens, metrics) after each step of the shared stage 1
     stage1_from: Any = None  # (modules, tokens) of a stage-1 pass already run on this teacher, data and seed
-    dist: Any = None  # hybridize.distributed.Dist: probes fan out over its ranks, stage 1 runs data parallel
+    dist: Any = None  # hybridize.training.parallel.Dist: probes fan out over its ranks, stage 1 runs data parallel
 
 
     def __attrs_post_init__(self) -> None:
@@ -179,7 +179,7 @@ class SelectionEngine:
     # -- stage 1, shared --------------------------------------------------------------------------
     def shared_stage1(self) -> dict[int, nn.Module]:
         """Stage 1 once on an all-linear student; its linear modules seed every probe."""
-        from hybridize.surgery import build_student
+        from hybridize.model.surgery import build_student
 
         student = build_student(self.teacher, [], self.variant.name, self.variant.params, pm=self.pm).to(self.device)
         self.distiller.stage1(student)
@@ -239,7 +239,7 @@ class SelectionEngine:
 
     # -- probes -------------------------------------------------------------------------------------
     def _probe_model(self, probe: Probe) -> nn.Module:
-        from hybridize.surgery import build_student
+        from hybridize.model.surgery import build_student
 
         model = build_student(self.teacher, list(probe.softmax_layers), self.variant.name, self.variant.params, pm=self.pm)
         for i, module in linear_modules(model).items():
@@ -415,7 +415,7 @@ class SelectionEngine:
         if self.ckpt_dir is None:
             self._memory_ckpt = copy.deepcopy(state)
         else:
-            self._ckpts.save(state)  # this rank's probes (see hybridize.distributed.ProbeCheckpoints)
+            self._ckpts.save(state)  # this rank's probes (see hybridize.training.parallel.ProbeCheckpoints)
 
     @staticmethod
     def _load_probe(run: ProbeRun, saved: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@
 invalidate finished work, and says what changed (recorded in ``OUT/resumes.jsonl``):
 
 - learning rates (:data:`LR_KEYS`): the resumed stage continues with the new peak lr on the same
-  schedule (:meth:`hybridize.train.Loop.load_state_dict`); the lrs that the selection's probes
+  schedule (:meth:`hybridize.training.loop.Loop.load_state_dict`); the lrs that the selection's probes
   borrow may not change while the selection is unfinished;
 - evaluators and the final distillation's evaluation settings (:data:`EVAL_KEYS`);
 - stage budgets (:data:`BUDGET_KEYS`), raised only, and only while no later stage has a checkpoint.
@@ -112,7 +112,7 @@ def check_resume_config(out: Path, config: dict[str, Any], *, teacher: str | Non
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    from hybridize.outputs import write_json
+    from hybridize.recipes.outputs import write_json
 
     write_json(path, payload)
 

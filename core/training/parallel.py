@@ -204,7 +204,7 @@ def setup(device: str = "auto") -> Dist:
         device (``cuda:LOCAL_RANK`` on NCCL, the CPU on gloo) and the joined process group.
     """
     if not launched():
-        from hybridize.pipeline import resolve_device
+        from hybridize.recipes.run import resolve_device
 
         return Dist(device=resolve_device(device))
     import torch.distributed as dist
@@ -386,7 +386,7 @@ class FSDPShards:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from hybridize.teacher import decoder_layers
+        from hybridize.model.teacher import decoder_layers
 
         mesh = init_device_mesh(par.device.type, (par.world,))
         student.cpu(), teacher.cpu()
@@ -466,7 +466,7 @@ class ProbeCheckpoints:
 
     def save(self, state: dict[str, Any]) -> Path:
         """Write this rank's probes at ``state["step"]``, then drop what no rank needs any more."""
-        from hybridize.train import atomic_torch_save
+        from hybridize.training.loop import atomic_torch_save
 
         path = self.path(state["step"])
         atomic_torch_save(state, path)
@@ -476,7 +476,7 @@ class ProbeCheckpoints:
         return path
 
     def _prune(self, keep: Path) -> None:
-        from hybridize.integrity import forget_checkpoint
+        from hybridize.atomic_io import forget_checkpoint
 
         if self.par.active:
             for old in self._own_dir().glob("probes-*.pt"):
@@ -507,7 +507,7 @@ class ProbeCheckpoints:
         out = [(step, n, files) for (step, n), files in found.items() if len(files) == n and n > 1]
         single = self.root / "probes.pt"
         if single.exists():
-            from hybridize.train import load_checkpoint
+            from hybridize.training.loop import load_checkpoint
 
             cache[single] = load_checkpoint(single)
             out.append((int(cache[single]["step"]), 1, {0: single}))
@@ -519,7 +519,7 @@ class ProbeCheckpoints:
         Args:
             plan: the layers of the selector's probes, in plan order (probe i ran on rank i mod N).
         """
-        from hybridize.train import load_checkpoint
+        from hybridize.training.loop import load_checkpoint
 
         found: dict[Path, dict[str, Any]] = {}
         layouts = self._layouts(found)
@@ -538,7 +538,7 @@ class ProbeCheckpoints:
 
     def probe_state(self, layer: int) -> tuple[int, dict[str, Any]]:
         """(step, saved state) of one of this rank's probes at its last checkpoint."""
-        from hybridize.train import load_checkpoint
+        from hybridize.training.loop import load_checkpoint
 
         state = load_checkpoint(self._where.get(layer, self.path(0)))
         return state["step"], state["probes"][layer]

@@ -182,7 +182,7 @@ def inspect_teacher(path_or_id: str | Path, *, trust_remote_code: bool = False) 
         UnsupportedArchitectureError: the checkpoint is not one of :data:`SUPPORTED_ARCHITECTURES`.
         HybridizeError: naming the teacher, the file and the fix.
     """
-    from hybridize.weight_headers import check_weights_match_config
+    from hybridize.model.weights import check_weights_match_config
 
     path = _resolve(path_or_id)
     config = _load_config(path, trust_remote_code)

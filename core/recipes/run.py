@@ -1,7 +1,7 @@
 """End-to-end drivers behind the CLI: ``run`` (select, then distil) and ``distill`` (explicit softmax layers).
 
 Both run in one process or, under torchrun (``--nproc N``), on every rank: the selection's probes
-fan out over the ranks and the distillation runs data parallel (see :mod:`hybridize.distributed`);
+fan out over the ranks and the distillation runs data parallel (see :mod:`hybridize.training.parallel`);
 rank 0 alone writes the run directory.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from hybridize import distributed
-from hybridize.distill import Distiller
+from hybridize.training import parallel as distributed
+from hybridize.distill.stages import Distiller
 from hybridize import faults
-from hybridize.outputs import MetricsLog, check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
-from hybridize.rundir import run_inputs
-from hybridize.runconfig import RunConfig
+from hybridize.recipes.outputs import MetricsLog, check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
+from hybridize.recipes.rundir import run_inputs
+from hybridize.recipes.runconfig import RunConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,9 +83,9 @@ def _inputs(cfg: RunConfig, par: distributed.Dist, pm: Any, command: str, out: s
             overwrite: bool) -> tuple[Any, Any]:
     """The preflight (every input checked, nothing written), then the teacher on this rank's device; rank 0 first
     (download and data caches). Returns (teacher, preflight result)."""
-    from hybridize.outputs import check_out_dir
-    from hybridize.preflight import check_run
-    from hybridize.teacher import load_teacher
+    from hybridize.recipes.outputs import check_out_dir
+    from hybridize.recipes.preflight import check_run
+    from hybridize.model.teacher import load_teacher
 
     def load() -> tuple[Any, Any]:
         if par.is_main:  # read-only: refuse a full OUT before the slow checks
@@ -126,9 +126,9 @@ def distill(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite:
 
 
 def _distill(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any] | None:
-    from hybridize.modeling import save_hybrid
-    from hybridize.plugins_manager import get_plugin_manager
-    from hybridize.surgery import build_student
+    from hybridize.model.hybrid import save_hybrid
+    from hybridize.registry.manager import get_plugin_manager
+    from hybridize.model.surgery import build_student
 
     pm = get_plugin_manager()
     t0 = time.perf_counter()
@@ -212,12 +212,12 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
 def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any] | None:
     import attrs
 
-    from hybridize.modeling import save_hybrid
-    from hybridize.outputs import plot_jaccard, plot_scores
-    from hybridize.plugins_manager import get_plugin_manager
-    from hybridize.select import SelectionEngine
-    from hybridize.surgery import build_student
-    from hybridize.teacher import decoder_layers
+    from hybridize.model.hybrid import save_hybrid
+    from hybridize.recipes.outputs import plot_jaccard, plot_scores
+    from hybridize.registry.manager import get_plugin_manager
+    from hybridize.selection.engine import SelectionEngine
+    from hybridize.model.surgery import build_student
+    from hybridize.model.teacher import decoder_layers
 
     pm = get_plugin_manager()
     t0 = time.perf_counter()
@@ -247,7 +247,7 @@ def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, *, resume: bool
     final_cfg = cfg.distill
     shared = engine is not None and bool(engine.stage1_modules) and probe_variant == cfg.linear_attention
     if shared:  # stage 1 is layer-local: reuse the shared pass (of the same variant)
-        from hybridize.distill import linear_modules
+        from hybridize.distill.stages import linear_modules
 
         for i, module in linear_modules(student).items():
             module.load_state_dict(engine.stage1_modules[i].state_dict())

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from hybridize import faults
-from hybridize.data import BlockSampler
-from hybridize.distributed import SINGLE, check_batch, ddp_root, full_state, load_full_state, shard_batch
+from hybridize.training.data import BlockSampler
+from hybridize.training.parallel import SINGLE, check_batch, ddp_root, full_state, load_full_state, shard_batch
 from hybridize.errors import HybridizeError
-from hybridize.integrity import IntegrityError, clean_write, commit_checkpoint, record_checkpoint, verify_checkpoint
+from hybridize.atomic_io import IntegrityError, clean_write, commit_checkpoint, record_checkpoint, verify_checkpoint
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,7 +78,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write ``obj`` to ``path`` through a temporary file and an atomic rename, its hash in the manifest.
 
     The directory's manifest records the new file's sha256 before the rename (see
-    :mod:`hybridize.integrity`), so :func:`load_checkpoint` can tell a damaged file from a good one.
+    :mod:`hybridize.atomic_io`), so :func:`load_checkpoint` can tell a damaged file from a good one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed process
@@ -146,10 +146,10 @@ class Loop:
         ckpt_path: checkpoint file, or None for no checkpoints.
         evaluate: called every ``cfg.eval_every`` steps and at the end; returns metrics.
         on_step: called after every step with (step, tokens, metrics); may raise to stop.
-        dist: this process's place in a multi-process job (:class:`hybridize.distributed.Dist`);
+        dist: this process's place in a multi-process job (:class:`hybridize.training.parallel.Dist`);
             with several ranks each step's global batch is split over them and the gradients are
             averaged by DDP, and rank 0 alone writes the checkpoint.
-        root: the FSDP2 root (a ``fully_shard``-ed :class:`hybridize.distributed.CallRoot` over
+        root: the FSDP2 root (a ``fully_shard``-ed :class:`hybridize.training.parallel.CallRoot` over
             ``model``) when the model is sharded; the loss then runs inside its forward.
     """
 

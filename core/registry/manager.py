@@ -13,7 +13,7 @@ import pluggy
 
 from hybridize import hookspecs
 from hybridize.errors import HybridizeError, PluginHookNameError, PluginLoadError, PluginLoadWarning, PluginReturnError
-from hybridize.registry import KINDS, Registry
+from hybridize.registry.entries import KINDS, Registry
 
 ENTRY_POINT_GROUP = "hybridize"
 ENV_DISABLE_AUTOLOAD = "HYBRIDIZE_DISABLE_PLUGIN_AUTOLOAD"

@@ -14,12 +14,12 @@ import attrs
 import torch
 from torch import nn
 
-from hybridize.data import PackedData
+from hybridize.training.data import PackedData
 from hybridize.errors import ConfigError
 from hybridize.linear import LinearAttention
-from hybridize.losses import chunked_ce, chunked_kl
-from hybridize.teacher import decoder_layers
-from hybridize.train import Loop, LoopConfig, autocast_for, param_groups
+from hybridize.training.losses import chunked_ce, chunked_kl
+from hybridize.model.teacher import decoder_layers
+from hybridize.training.loop import Loop, LoopConfig, autocast_for, param_groups
 
 ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
 
@@ -224,7 +224,7 @@ class Distiller:
         ckpt_dir: directory for per-stage checkpoints (None: no checkpoints, no resume).
         seed: data order and initialisation seed.
         on_step: observer called with (stage, step, tokens, metrics) after every step.
-        dist: this process's place in a multi-process job (:class:`hybridize.distributed.Dist`):
+        dist: this process's place in a multi-process job (:class:`hybridize.training.parallel.Dist`):
             the stages run data parallel (DDP, or FSDP2 for stages 2-3, see ``DistillConfig.parallel``).
     """
 
@@ -290,7 +290,7 @@ class Distiller:
 
     def _shard(self, student: nn.Module) -> nn.Module:
         """With several ranks, pick DDP or FSDP for stages 2-3; for FSDP return the sharded student (teacher sharded too)."""
-        from hybridize.distributed import FSDPShards, choose_parallel
+        from hybridize.training.parallel import FSDPShards, choose_parallel
 
         par = self.dist
         if par is None or not par.active or not (self.cfg.stage2_tokens or self.cfg.stage3_tokens):

@@ -21,7 +21,7 @@ spend alone, so costs compare fairly.
 Beyond the table: ``rank_correlation`` (Spearman of each selector's per-layer scores with the
 reference's, Jaccard of their top-K sets, token cost as a fraction of the reference's) and, with
 several probe variants, ``overlap`` (Jaccard of the top-K sets of two probe variants and of their
-trajectories, window by window): see :mod:`hybridize.compare_analysis`.
+trajectories, window by window): see :mod:`hybridize.recipes.compare_report`.
 
 Outputs: ``OUT/compare.json`` (every row, the aggregated table, token totals), ``OUT/compare.md``
 (selector x budget -> selected layers, selection tokens, held-out KL, perplexity, every evaluator
@@ -43,11 +43,11 @@ from typing import Any
 import attrs
 import torch
 
-from hybridize.compare_analysis import label, overlaps, rank_correlations, report_markdown, series
-from hybridize.config import ComponentRef
+from hybridize.recipes.compare_report import label, overlaps, rank_correlations, report_markdown, series
+from hybridize.registry.configs import ComponentRef
 from hybridize.errors import ConfigError
-from hybridize.outputs import write_json
-from hybridize.runconfig import RunConfig
+from hybridize.recipes.outputs import write_json
+from hybridize.recipes.runconfig import RunConfig
 
 DEFAULT_SELECTORS = ("kl-greedy-add", "kl-greedy-remove", "mse-greedy-add", "uniform", "random")
 
@@ -112,8 +112,8 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path, overrides: Sequence[str] = (), *, pm: Any = None) -> tuple[RunConfig, CompareConfig]:
     """Read a run config with a ``compare`` section; every problem is reported together."""
-    from hybridize.runconfig import apply_overrides
-    from hybridize.yamlio import read_yaml_file
+    from hybridize.recipes.runconfig import apply_overrides
+    from hybridize.recipes.yamlio import read_yaml_file
 
     path = Path(path)
     tree = read_yaml_file(path) or {}
@@ -125,8 +125,8 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = (), *, pm: 
 
 def compare_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> tuple[RunConfig, CompareConfig]:
     """Split a config tree into the base run config and the compare section, validating both."""
-    from hybridize.config import build_config
-    from hybridize.runconfig import run_config_from_dict
+    from hybridize.registry.configs import build_config
+    from hybridize.recipes.runconfig import run_config_from_dict
 
     tree = dict(tree)
     section = tree.pop("compare", None) or {}
@@ -143,7 +143,7 @@ def compare_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> tupl
         problems += exc.problems
     if ccfg is not None:
         if pm is None:
-            from hybridize.plugins_manager import get_plugin_manager
+            from hybridize.registry.manager import get_plugin_manager
 
             pm = get_plugin_manager()
         problems += _check_components(ccfg, pm)
@@ -157,7 +157,7 @@ def compare_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> tupl
 
 def _check_components(ccfg: CompareConfig, pm: Any) -> list[str]:
     """Every selector (with its distance options) and every variant must exist and accept its params."""
-    from hybridize.selection import build_selector_configs
+    from hybridize.selection.contract import build_selector_configs
 
     problems = []
     checks = [("selector", "", ref) for ref in ccfg.selectors]
@@ -178,8 +178,8 @@ def _check_components(ccfg: CompareConfig, pm: Any) -> list[str]:
 def _stage1_pass(teacher: Any, data: Any, cfg: RunConfig, variant: ComponentRef, *, pm: Any, device: torch.device,
                  ckpt_dir: Path, progress: bool) -> tuple[dict[int, Any], dict[str, int]]:
     """The shared stage 1 of one variant (as a selection engine runs it): all-linear student, all layers at once."""
-    from hybridize.distill import Distiller, linear_modules
-    from hybridize.surgery import build_student
+    from hybridize.distill.stages import Distiller, linear_modules
+    from hybridize.model.surgery import build_student
 
     torch.manual_seed(cfg.seed)
     student = build_student(teacher, [], variant.name, variant.params, pm=pm).to(device)
@@ -192,8 +192,8 @@ def _stage1_pass(teacher: Any, data: Any, cfg: RunConfig, variant: ComponentRef,
 def _final_hybrid(teacher: Any, data: Any, cfg: RunConfig, layers: list[int], stage1: dict[int, Any], *, pm: Any,
                   device: torch.device, ckpt_dir: Path, progress: bool) -> tuple[Any, dict[str, Any]]:
     """Surgery at ``layers``, linear layers from the shared stage 1, then stage 2 (and 3)."""
-    from hybridize.distill import Distiller, linear_modules
-    from hybridize.surgery import build_student
+    from hybridize.distill.stages import Distiller, linear_modules
+    from hybridize.model.surgery import build_student
 
     torch.manual_seed(cfg.seed)
     student = build_student(teacher, layers, cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
@@ -282,7 +282,7 @@ def plot_metrics(table: list[dict[str, Any]], path: Path, title: str) -> Path | 
     Several budgets: the metric against K, one line per selector. One budget: one bar per selector.
     The teacher's perplexity is a dashed reference line on the hybrid's.
     """
-    from hybridize.outputs import _plt, _save_figure
+    from hybridize.recipes.outputs import _plt, _save_figure
 
     metric_names = _plotted_metrics(table)
     if not metric_names:
@@ -335,7 +335,7 @@ def plot_metrics(table: list[dict[str, Any]], path: Path, title: str) -> Path | 
 
 def plot_layers(rows: list[dict[str, Any]], n_layers: int, path: Path, title: str) -> Path:
     """Selector x layer heat map: the fraction of (seed, budget) runs in which each layer stayed softmax."""
-    from hybridize.outputs import _plt, _save_figure
+    from hybridize.recipes.outputs import _plt, _save_figure
 
     plt = _plt()
     names = series(rows)
@@ -398,7 +398,7 @@ class _Comparison:
 
     def run_seed(self, seed: int) -> None:
         """Every selection of one seed (one per selector, budget and probe variant) and the final hybrids it needs."""
-        from hybridize.data import prepare_data
+        from hybridize.training.data import prepare_data
 
         self.data, self.stage1, self.final_cache = None, {}, {}
         for pv in self.probes:
@@ -414,7 +414,7 @@ class _Comparison:
                     self._selection(seed, sel, budget, pv, todo)
 
     def _selection(self, seed: int, sel: ComponentRef, budget: Any, pv: ComponentRef, finals: list[ComponentRef]) -> None:
-        from hybridize.select import SelectionEngine
+        from hybridize.selection.engine import SelectionEngine
 
         k, pvl = self.ks[budget], label(pv)
         cfg = attrs.evolve(self.base, seed=seed, softmax_layers=budget,
@@ -444,7 +444,7 @@ class _Comparison:
     def _final(self, cfg: RunConfig, fv: ComponentRef, layers: list[int]) -> dict[str, Any]:
         """The final hybrid of variant ``fv`` at ``layers`` (shared by every selection that picks them), evaluated."""
         from hybridize.evaluate import EvalTarget, merge_metrics, run_evaluators
-        from hybridize.modeling import save_hybrid
+        from hybridize.model.hybrid import save_hybrid
 
         fvl, key = label(fv), (label(fv), tuple(layers))
         if key in self.final_cache:
@@ -497,12 +497,12 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     Returns:
         The content of ``OUT/compare.json``.
     """
-    from hybridize.outputs import check_out_dir, check_resume_config
-    from hybridize.rundir import prepare_out_dir, run_inputs
-    from hybridize.pipeline import resolve_device
-    from hybridize.plugins_manager import get_plugin_manager
-    from hybridize.preflight import check_run
-    from hybridize.teacher import load_teacher
+    from hybridize.recipes.outputs import check_out_dir, check_resume_config
+    from hybridize.recipes.rundir import prepare_out_dir, run_inputs
+    from hybridize.recipes.run import resolve_device
+    from hybridize.registry.manager import get_plugin_manager
+    from hybridize.recipes.preflight import check_run
+    from hybridize.model.teacher import load_teacher
 
     pm = get_plugin_manager()
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 
 from hybridize.errors import HybridizeError
 from hybridize.linear import LinearAttention
-from hybridize.teacher import SUPPORTED_ARCHITECTURES, check_supported, decoder_layers, spec_of_attention
+from hybridize.model.teacher import SUPPORTED_ARCHITECTURES, check_supported, decoder_layers, spec_of_attention
 
 PREFIX = "hybridize_"
 _FIX = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
@@ -36,14 +36,14 @@ class HybridMixin:
     """Methods shared by every hybrid model class (placed before the family's model class)."""
 
     def _hybrid_cache(self) -> Any:
-        from hybridize.cache import HybridCache  # not at import: this module loads while transformers does
+        from hybridize.model.cache import HybridCache  # not at import: this module loads while transformers does
 
         layers = decoder_layers(self)
         linear = [i for i, l in enumerate(layers) if isinstance(l.self_attn, LinearAttention)]
         return HybridCache(len(layers), linear)
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
-        from hybridize.cache import cache_arg_name, check_hybrid_cache, pop_cache
+        from hybridize.model.cache import cache_arg_name, check_hybrid_cache, pop_cache
 
         name = cache_arg_name(type(self).forward)
         cache = pop_cache(f"{type(self).__name__}.generate", model_kwargs)
@@ -72,7 +72,7 @@ class HybridMixin:
 
 def _verify_saved(path: Any, subfolder: str = "") -> None:
     """Check a local hybrid directory against the manifest :func:`save_hybrid` wrote (hub ids are left to transformers)."""
-    from hybridize.integrity import verify_manifest
+    from hybridize.atomic_io import verify_manifest
 
     local = Path(str(path)) / subfolder
     if not local.is_dir() or _verified.get() == str(local.resolve()):
@@ -86,7 +86,7 @@ def _rebuild_linear_layers(model: nn.Module) -> None:
 
 
 def _rebuild_backbone(backbone: nn.Module, config: Any, layout: Any) -> None:
-    from hybridize.plugins_manager import get_plugin_manager
+    from hybridize.registry.manager import get_plugin_manager
 
     section = getattr(config, "hybridize", None) or {}
     linear = section.get("linear_layers", [])
@@ -124,7 +124,7 @@ def hybrid_base_class(family: str) -> type:
 
 @functools.cache
 def _hybrid_classes(family: str) -> tuple[type, type, type]:
-    from hybridize.surgery import install_backbone_hooks, install_padding_hook
+    from hybridize.model.surgery import install_backbone_hooks, install_padding_hook
 
     arch, layout = next((a, lay) for a, lay in SUPPORTED_ARCHITECTURES.items() if lay.family == family)
     transformers = __import__("transformers", fromlist=[arch])
@@ -176,12 +176,12 @@ def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
     """``save_pretrained`` a hybrid (config with its ``hybridize`` section, safetensors, tokenizer).
 
     Everything is written to ``.<name>.tmp`` beside ``path``, then a manifest of sha256 hashes
-    (:mod:`hybridize.integrity`), then the directory is renamed to ``path``: a directory at ``path``
+    (:mod:`hybridize.atomic_io`), then the directory is renamed to ``path``: a directory at ``path``
     is always complete, and :func:`load_hybrid` checks it against the manifest.
     """
     from hybridize import faults
-    from hybridize.integrity import write_manifest
-    from hybridize.outputs import replace_dir
+    from hybridize.atomic_io import write_manifest
+    from hybridize.recipes.outputs import replace_dir
 
     model = as_hybrid(model)
     if extra:
@@ -190,7 +190,7 @@ def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():  # left by an interrupted save
         shutil.rmtree(tmp)
-    from hybridize.integrity import clean_write
+    from hybridize.atomic_io import clean_write
 
     needed = sum(t.nelement() * t.element_size() for t in model.state_dict().values())
     with clean_write(path, tmp, needed):
@@ -213,8 +213,8 @@ def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, d
         IntegrityError: the manifest is missing (an interrupted save) or a file does not match it.
         HybridizeError: the directory holds a model that is not a hybrid.
     """
-    from hybridize.integrity import read_manifest, verify_manifest
-    from hybridize.surgery import install_padding_hook
+    from hybridize.atomic_io import read_manifest, verify_manifest
+    from hybridize.model.surgery import install_padding_hook
 
     register_with_transformers()
     local = Path(path).is_dir()

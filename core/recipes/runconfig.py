@@ -12,13 +12,13 @@ from typing import Any
 
 import attrs
 
-from hybridize.config import ComponentRef, build_config, check_type, config_to_dict
-from hybridize.data import DataConfig
-from hybridize.devices import device_problem
-from hybridize.distill import DistillConfig
+from hybridize.registry.configs import ComponentRef, build_config, check_type, config_to_dict
+from hybridize.training.data import DataConfig
+from hybridize.training.devices import device_problem
+from hybridize.distill.stages import DistillConfig
 from hybridize.errors import ConfigError
-from hybridize.select import SelectionConfig
-from hybridize.yamlio import parse_yaml, read_yaml_file
+from hybridize.selection.engine import SelectionConfig
+from hybridize.recipes.yamlio import parse_yaml, read_yaml_file
 
 SoftmaxLayers = int | float | list[int]
 
@@ -29,14 +29,14 @@ class RunConfig:
 
     Args:
         teacher: local directory or hub id of the teacher.
-        data: the data section (:class:`~hybridize.data.DataConfig`).
+        data: the data section (:class:`~hybridize.training.data.DataConfig`).
         linear_attention: the variant of the final hybrid and its params, e.g. ``{name: gdn, use_short_conv: true}``;
             also the probes' variant unless ``selection.linear_attention`` names another (e.g. GDN probes
             choosing the layers of a GLA hybrid).
         softmax_layers: K (int), a ratio in (0, 1), or an explicit list of layer indices.
         selection: how layers are selected when ``softmax_layers`` is K or a ratio
-            (:class:`~hybridize.select.SelectionConfig`).
-        distill: stage budgets (:class:`~hybridize.distill.DistillConfig`).
+            (:class:`~hybridize.selection.engine.SelectionConfig`).
+        distill: stage budgets (:class:`~hybridize.distill.stages.DistillConfig`).
         seed: seed of data order and initialisation.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         evaluators: evaluators run on the final hybrid, e.g. ``[{name: heldout-kl}, {name: lm-eval, tasks: [niah_single_1]}]``;
@@ -180,7 +180,7 @@ def _evaluators(value: Any, pm: Any, problems: list[str]) -> list[ComponentRef]:
     from hybridize.evaluate import parse_evaluators
 
     if pm is None:
-        from hybridize.plugins_manager import get_plugin_manager
+        from hybridize.registry.manager import get_plugin_manager
 
         pm = get_plugin_manager()
     refs, found = parse_evaluators(value, pm)
@@ -190,10 +190,10 @@ def _evaluators(value: Any, pm: Any, problems: list[str]) -> list[ComponentRef]:
 
 def _check_selection(sel: SelectionConfig, pm: Any, problems: list[str]) -> None:
     """Every named selection component (and the probe variant) must exist and accept its params."""
-    from hybridize.selection import build_selector_configs
+    from hybridize.selection.contract import build_selector_configs
 
     if pm is None:
-        from hybridize.plugins_manager import get_plugin_manager
+        from hybridize.registry.manager import get_plugin_manager
 
         pm = get_plugin_manager()
     for kind, ref in (("selector", sel.selector), ("scorer", sel.scorer), ("stop_criterion", sel.stop), ("linear_attention", sel.linear_attention)):
@@ -214,7 +214,7 @@ def _variant(value: Any, pm: Any, problems: list[str]) -> ComponentRef | None:
     try:
         ref = ComponentRef.parse(value, where="run field 'linear_attention'")
         if pm is None:
-            from hybridize.plugins_manager import get_plugin_manager
+            from hybridize.registry.manager import get_plugin_manager
 
             pm = get_plugin_manager()
         pm.registry("linear_attention")[ref.name].build_config(ref.params)

@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hybridize.selection import jaccard, spearman
+from hybridize.selection.contract import jaccard, spearman
 
 
 def label(ref: Any) -> str:
