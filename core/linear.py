@@ -1,11 +1,46 @@
 """The contract between the engine and linear-attention variant plugins.
 
-A variant is an ``nn.Module`` subclass of :class:`LinearAttention`. The engine builds one per
-converted layer with ``factory(spec, config)``, copies the teacher's weights into it with
-``load_teacher_weights``, and puts it where the teacher layer's ``self_attn`` was. The base
-class adapts the Hugging Face attention call (``hidden_states, position_embeddings,
-attention_mask, cache / past_key_values, ...``) to the variant's :meth:`LinearAttention.mix`, which is
-the only sequence-mixing code a variant writes.
+A variant is an ``nn.Module`` subclass of :class:`LinearAttention` with an attrs config class,
+registered through ``hybridize_register_linear_attention`` as ``register(name, cls, config_cls,
+capabilities=...)``. The engine (:func:`hybridize.model.surgery.build_student`) builds one per
+converted layer with ``cls(spec, config)``, copies the teacher's weights into it with
+:meth:`LinearAttention.load_teacher_weights`, moves it to the teacher's device and dtype, and puts it
+where the teacher layer's ``self_attn`` was. The base class adapts the Hugging Face attention call
+(``hidden_states, position_embeddings, attention_mask, cache / past_key_values, ...``) to the
+variant's :meth:`LinearAttention.mix`, which is the only sequence-mixing code a variant writes.
+
+What a variant must do (checked by :mod:`hybridize.testing.conformance` on CPU, float64,
+``backend="torch"``, most checks after noise of std 0.2 on every parameter):
+
+- hold the teacher's weights in modules named ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (and
+  ``q_norm``, ``k_norm`` when ``spec.qk_norm``): q and o exactly as the teacher's, k and v from the
+  GQA-expanded views of :class:`TeacherAttentionWeights`; other parameters (gates, convolutions,
+  output norms) are the variant's to name;
+- ``mix`` keeps shape and dtype, is causal, gives the same result in ``mode="chunk"`` and
+  ``mode="recurrent"`` (relative tolerance ``TOL = 1e-6``), fresh and from a state; padded tokens
+  leave the state unchanged; every trainable parameter gets a finite gradient;
+- ``mix(..., output_state=True)`` returns a non-empty dict of tensors with the batch first (the
+  variant's own keys; the built-ins use ``recurrent`` (B, H, D, D) in fp32 and ``conv_q``,
+  ``conv_k``, ``conv_v`` (B, H*D, W-1)), the same keys in both modes; ``output_state=False`` returns
+  None. The cache hands the last returned dict back as ``state=`` (rows reordered along dim 0 by
+  beam search); on CUDA a one-token decode step is replayed from a CUDA graph
+  (:mod:`hybridize.ops.decode_graphs`), so keys, shapes and dtypes stay the same from step to step;
+- decoding token by token through ``forward`` with a cache equals one parallel ``mix``.
+
+``backend``: ``torch``, ``fla`` (CUDA only) or ``auto`` (fla on CUDA when it imports). The built-in
+variants use ``config.backend if backend == "auto" else backend``: an explicit ``mix(backend=...)``
+wins; ``forward`` passes the default ``auto``, so in a model the config's ``backend`` decides.
+
+Every variant ships a reference as the class attribute ``naive`` (the built-ins point it at
+:func:`hybridize.ops.delta_rule.naive_recurrent_gated_delta_rule` or
+:func:`hybridize.ops.gla.naive_recurrent_gla`). The conformance suite compares each op's chunked form
+with its naive loop (``check_op_chunk_matches_naive``); its module checks use ``mode="recurrent"`` as
+the module's reference and do not call ``naive``.
+
+Capabilities are free strings; the tests read ``fla-kernels`` (compare ``backend="fla"`` with
+``backend="torch"`` on a GPU). A plugin imports this module, :mod:`hybridize.errors` and
+:mod:`hybridize.ops`, never another plugin's module. The full text, with shapes:
+README, "The variant author's contract".
 """
 from __future__ import annotations
 
@@ -79,7 +114,18 @@ def expand_kv(t: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor | Non
 
 @attrs.frozen(kw_only=True)
 class TeacherAttentionWeights:
-    """The weights of one teacher attention layer, in Hugging Face layout (detached copies)."""
+    """The weights of one teacher attention layer, in Hugging Face layout (detached copies).
+
+    ``H`` query heads, ``Hkv`` KV heads, head size ``D``; ``q_norm`` / ``k_norm`` are the RMSNorm
+    weights of Qwen3-style q/k norms; a bias or norm the teacher lacks is None. The ``*_expanded``
+    properties repeat each KV head for the ``spec.kv_groups`` query heads it serves
+    (:func:`expand_kv`), so that a variant with one head per query head can copy them as they are.
+
+    Shape:
+        q_weight: (H*D, hidden); k_weight, v_weight: (Hkv*D, hidden); o_weight: (hidden, H*D);
+        q_bias: (H*D,); k_bias, v_bias: (Hkv*D,); o_bias: (hidden,); q_norm, k_norm: (D,);
+        k_weight_expanded, v_weight_expanded: (H*D, hidden); k_bias_expanded, v_bias_expanded: (H*D,)
+    """
 
     spec: AttentionSpec
     q_weight: torch.Tensor  # (H*D, hidden)
@@ -95,18 +141,22 @@ class TeacherAttentionWeights:
 
     @property
     def k_weight_expanded(self) -> torch.Tensor:
+        """``k_weight`` with each KV head repeated for its query heads: (H*D, hidden), see :func:`expand_kv`."""
         return expand_kv(self.k_weight, self.spec)
 
     @property
     def v_weight_expanded(self) -> torch.Tensor:
+        """``v_weight`` with each KV head repeated for its query heads: (H*D, hidden), see :func:`expand_kv`."""
         return expand_kv(self.v_weight, self.spec)
 
     @property
     def k_bias_expanded(self) -> torch.Tensor | None:
+        """``k_bias`` with each KV head repeated for its query heads: (H*D,); None without a bias."""
         return expand_kv(self.k_bias, self.spec)
 
     @property
     def v_bias_expanded(self) -> torch.Tensor | None:
+        """``v_bias`` with each KV head repeated for its query heads: (H*D,); None without a bias."""
         return expand_kv(self.v_bias, self.spec)
 
 
@@ -114,7 +164,9 @@ class LinearAttention(nn.Module):
     """Base class of linear-attention variants: the Hugging Face adapter around :meth:`mix`.
 
     Subclasses implement ``__init__(spec, config)``, :meth:`load_teacher_weights` and
-    :meth:`mix`, and ship a ``naive`` recurrence used as their reference in tests.
+    :meth:`mix`, and set the class attribute ``naive`` to their reference recurrence (for a
+    variant on a :mod:`hybridize.ops` recurrence, the op's ``naive_recurrent_*``, e.g.
+    ``naive = staticmethod(naive_recurrent_gla)``). They do not override :meth:`forward`.
 
     Args:
         spec: shapes of the teacher layer this module replaces.
@@ -128,7 +180,13 @@ class LinearAttention(nn.Module):
         self.layer_idx = spec.layer_idx
 
     def load_teacher_weights(self, weights: TeacherAttentionWeights) -> None:
-        """Initialise this module from the teacher layer it replaces (q/k/v/o, biases, norms)."""
+        """Initialise this module from the teacher layer it replaces (q/k/v/o, biases, norms).
+
+        Called once, before the module is moved to the teacher's device and dtype. The teacher's
+        q/o go into ``q_proj`` / ``o_proj`` as they are, ``k_weight_expanded`` /
+        ``v_weight_expanded`` (and the expanded biases) into ``k_proj`` / ``v_proj``, ``q_norm`` /
+        ``k_norm`` into modules of those names when ``spec.qk_norm``.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement load_teacher_weights")
 
     def mix(
@@ -147,9 +205,17 @@ class LinearAttention(nn.Module):
             x: layer input after the input norm.
             state: the recurrent state after the previous tokens, or None to start fresh.
             padding_mask: 1 for real tokens, 0 for padding; padded tokens must leave the state unchanged.
-            output_state: return the state after the last token.
-            mode: ``chunk`` (parallel within chunks) or ``recurrent`` (one token at a time).
-            backend: ``torch`` reference, ``fla`` Triton kernels (CUDA), or ``auto``.
+            output_state: return the state after the last token; when False the second item is None.
+            mode: ``chunk`` (parallel within chunks) or ``recurrent`` (one token at a time); both
+                must give the same result.
+            backend: ``torch`` reference, ``fla`` Triton kernels (CUDA), or ``auto``. The built-in
+                variants let an explicit ``torch`` / ``fla`` here win and resolve ``auto`` (what
+                :meth:`forward` passes) to ``config.backend``.
+
+        Returns:
+            ``(output, state)``: ``output`` in ``x``'s dtype; ``state`` a non-empty dict of tensors
+            with the batch first when ``output_state``, keys of the variant's choosing, the same in
+            both modes; the next call gets it back as ``state``.
 
         Shape:
             x: (B, T, hidden) -> output (B, T, hidden); padding_mask: (B, T)

@@ -4,6 +4,26 @@ Parameter names follow fla's ``GatedDeltaNet`` layer (q_proj, k_proj, v_proj, a_
 A_log, dt_bias, q_conv1d/k_conv1d/v_conv1d, g_proj, o_norm, o_proj), with head_k_dim =
 head_v_dim = the teacher's head_dim and one GDN head per teacher query head; the teacher's
 KV heads are expanded (GQA) into the k/v projections.
+
+This module is the reference implementation of the variant author's contract
+(:mod:`hybridize.linear`; README, "The variant author's contract"):
+
+- the teacher's weights live in ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (+ ``q_norm``,
+  ``k_norm`` for Qwen3-style teachers), the names the conformance suite checks; GDN's own gates
+  (``a_proj``, ``b_proj``, ``A_log``, ``dt_bias``), convolutions and output gate (``g_proj``,
+  ``o_norm``) start fresh, as fla initialises them;
+- :meth:`GatedDeltaNet.mix` calls :func:`hybridize.ops.delta_rule.gated_delta_rule`; ``naive`` is
+  that op's reference loop :func:`~hybridize.ops.delta_rule.naive_recurrent_gated_delta_rule`;
+- the state is ``{"recurrent": (B, H, D, D) in fp32 (float64 stays), "conv_q" | "conv_k" |
+  "conv_v": (B, H*D, conv_size - 1) in the input dtype}`` (the conv caches only with
+  ``use_short_conv``);
+- ``mix(backend="auto")`` uses ``GDNConfig.backend``; an explicit ``torch`` / ``fla`` wins;
+- capabilities ``recurrent-state`` and ``fla-kernels``.
+
+It imports only :mod:`hybridize`, :mod:`hybridize.linear`, :mod:`hybridize.errors` and
+:mod:`hybridize.ops`. :func:`copy_teacher_projections`, :func:`project_qkv` and
+:func:`output_projection` are this plugin's helpers, not public API (the built-in GLA plugin of the
+same distribution shares them); a third-party plugin uses :mod:`hybridize.ops` instead.
 """
 from __future__ import annotations
 
@@ -91,6 +111,10 @@ def copy_teacher_projections(module: nn.Module, weights: TeacherAttentionWeights
 
 class GatedDeltaNet(LinearAttention):
     """Gated DeltaNet: a delta-rule recurrence with a per-head scalar forget gate.
+
+    Per head: ``S = exp(g_t) S; S = S + k_t (beta_t (v_t - S^T k_t))^T; o_t = S^T q_t / sqrt(D)`` with q, k
+    L2-normalised, ``g = -exp(A_log) softplus(a_proj(x) + dt_bias)`` and ``beta = sigmoid(b_proj(x))``
+    (times 2 with ``allow_neg_eigval``); padded tokens get ``g = beta = 0``.
 
     Args:
         spec: shapes of the teacher layer this module replaces.
