@@ -42,7 +42,8 @@ class HybridMixin:
         return HybridCache(len(layers), linear)
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
-        from hybridize.model.cache import cache_arg_name, check_hybrid_cache, pop_cache
+        from hybridize.linear import check_hybrid_cache, pop_cache
+        from hybridize.model.cache import cache_arg_name
 
         name = cache_arg_name(type(self).forward)
         cache = pop_cache(f"{type(self).__name__}.generate", model_kwargs)
