@@ -226,7 +226,8 @@ def test_plugins_import_only_the_contracts():
         if not name.startswith("hybridize.plugins.") and name != "hybridize.plugins":
             continue
         rel = path.relative_to(ROOT).as_posix()
-        own = ".".join(name.split(".")[:3])  # hybridize.plugins.<plugin package>
+        parts = name.split(".")
+        own = ".".join(parts[:3]) if len(parts) > 2 else "hybridize.plugins.<none>"  # hybridize.plugins.<package>
         for module, line, root_name in _imports(name, path):
             if module == PACKAGE and root_name is not None and root_name not in ROOT_NAMES:
                 bad.append(f"{rel}:{line} takes {root_name!r} from the package root")
@@ -258,3 +259,14 @@ def test_function_size(path):
             if n > MAX_FUNCTION_LINES:
                 long.append(f"{node.name} ({n} lines, line {node.lineno})")
     assert not long, f"{path.relative_to(ROOT)}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+def test_imports_are_resolved_to_modules(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text("from hybridize import faults, hookimpl\n"
+                   "def f():\n    from hybridize.training import parallel as p\n    import hybridize.model.cache\n"
+                   "from . import teacher\n")
+    found = {(m, n) for m, _, n in _imports("hybridize.model.surgery", src)}
+    assert found == {("hybridize.faults", None), ("hybridize", "hookimpl"), ("hybridize.training.parallel", None),
+                     ("hybridize.model.cache", None), ("hybridize.model.teacher", None)}
+    assert layer_of("hybridize.ops.gla") == "contracts" and layer_of("hybridize.selection.fanout") == "selection"
