@@ -10,6 +10,7 @@ import torch
 from hybridize.errors import ConfigError
 from hybridize.training.parallel import launched
 
+
 def check_nproc(nproc: int, device: str) -> None:
     """Refuse an --nproc that this machine cannot run, before any process starts.
 
