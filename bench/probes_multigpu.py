@@ -84,6 +84,7 @@ def worker(args: argparse.Namespace) -> None:
     from hybridize.ops.common import fla_available
     from hybridize.registry.manager import get_plugin_manager
     from hybridize.selection.engine import SelectionConfig, SelectionEngine
+    from hybridize.selection.fanout import probes_per_rank
 
     par = distributed.setup(args.device)
     dtype = torch.bfloat16 if par.device.type == "cuda" else torch.float32
@@ -110,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
     if par.is_main:
         t_window = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         record = {"nproc": par.world, "backend": par.backend or "none", "n_layers": n_layers, "n_probes": result["tokens"]["n_probes"],
-                  "probes_per_rank": distributed.probes_per_rank(result["tokens"]["n_probes"], par.world),
+                  "probes_per_rank": probes_per_rank(result["tokens"]["n_probes"], par.world),
                   "window_seconds": [b - a for a, b in zip(stamps, stamps[1:])], "t_window": t_window,
                   "probes_per_hour": 3600 * result["tokens"]["n_probes"] / (t_window * WINDOWS_PER_PROBE),
                   "probe_tokens_per_s": result["tokens"]["n_probes"] * args.window * args.batch * args.seq / t_window,

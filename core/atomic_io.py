@@ -1,4 +1,11 @@
-"""Manifests of file hashes: a directory (or checkpoint) is complete only when its manifest says so.
+"""Durable writes and manifests of file hashes: the one home of "write it atomically".
+
+Every output file goes through :func:`atomic_write` (write a temporary file beside it, flush it to
+disk, rename it into place; a failed write leaves no temporary file): :func:`write_json`,
+:func:`write_json_text`, :func:`atomic_torch_save` (checkpoints, with a manifest record) and figures.
+Directories (a saved hybrid) go through :func:`atomic_dir` and :func:`replace_dir`.
+
+A directory (or checkpoint) is complete only when its manifest says so.
 
 A saved hybrid is written to a temporary directory, its manifest (sha256 and size of every file)
 is written last, and the directory is renamed into place; :func:`verify_manifest` refuses a
@@ -14,7 +21,8 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +181,6 @@ def clean_write(path: Path, tmp: Path, needed: int | None = None) -> Iterator[No
         yield
     except (OSError, RuntimeError) as exc:
         if tmp.is_dir() and not tmp.is_symlink():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
@@ -182,8 +188,6 @@ def clean_write(path: Path, tmp: Path, needed: int | None = None) -> Iterator[No
         if not (full or isinstance(exc, OSError)):
             raise
         if full:
-            import shutil
-
             free = shutil.disk_usage(path.parent).free
             need = f"it needs about {_human(needed)}" if needed else "it needs more space"
             raise WriteError(
@@ -192,3 +196,115 @@ def clean_write(path: Path, tmp: Path, needed: int | None = None) -> Iterator[No
             ) from exc
         raise WriteError(f"cannot write {str(path)!r} ({exc.strerror or exc}); check that directory and its disk, then "
                          "--resume continues from the last checkpoint") from exc
+
+
+# -- the durable writes: a temporary file, flushed, renamed into place ---------------------------------
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any], *, tmp: Path | None = None, needed: int | None = None,
+                 before_rename: Callable[[Path], Any] | None = None) -> None:
+    """Write ``path`` durably: ``write(tmp)``, flush ``tmp`` to disk, ``before_rename(tmp)``, rename it to ``path``.
+
+    Args:
+        path: the file to write; at every moment it is the old complete file or the new one.
+        write: writes the content to the path it is given (the temporary file).
+        tmp: the temporary file (default ``.NAME.tmp`` beside ``path``).
+        needed: about how many bytes the file takes, for the message on a full disk.
+        before_rename: called with the written temporary file just before the rename (a manifest record).
+
+    Raises:
+        WriteError: the write failed (disk full, no permission, ...); the temporary file is gone.
+    """
+    tmp = path.with_name(f".{path.name}.tmp") if tmp is None else tmp
+    with clean_write(path, tmp, needed):
+        write(tmp)
+        _fsync_path(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
+        os.replace(tmp, path)
+
+
+def write_json_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and an atomic rename (no half-written file, none left over)."""
+    data = text.encode()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file (flushed to disk) and an atomic rename."""
+    write_json_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """``savefig`` to a temporary name with the same suffix (its format), then rename: never half a PNG."""
+    atomic_write(path, fig.savefig, tmp=path.with_name(f".{path.stem}.tmp{path.suffix}"))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint: about the size of its file."""
+    if hasattr(obj, "nelement") and hasattr(obj, "element_size"):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` through a temporary file and an atomic rename, its hash in the manifest.
+
+    The directory's manifest records the new file's sha256 before the rename (:func:`record_checkpoint`),
+    so :func:`verify_checkpoint` can tell a damaged file from a good one.
+    """
+    import torch
+
+    from hybridize import faults
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed process
+        stale.unlink(missing_ok=True)
+
+    def record(tmp: Path) -> None:
+        record_checkpoint(path, tmp)
+        faults.kill_point("checkpoint-write")
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), tmp=path.with_name(f".{path.name}.tmp{os.getpid()}"),
+                 needed=tensor_bytes(obj), before_rename=record)
+    commit_checkpoint(path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written temporary directory into place.
+
+    An old ``final`` is first renamed aside, so at every moment ``final`` is either the old
+    complete directory, absent, or the new complete one.
+    """
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def atomic_dir(path: Path, write: Callable[[Path], Any], *, needed: int | None = None,
+               before_rename: Callable[[Path], Any] | None = None) -> Path:
+    """Write a directory durably: ``write(tmp)`` into ``.NAME.tmp``, ``before_rename(tmp)``, :func:`replace_dir`.
+
+    A temporary directory left by an interrupted write is removed first.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():  # left by an interrupted write
+        shutil.rmtree(tmp)
+    with clean_write(path, tmp, needed):
+        write(tmp)
+    if before_rename is not None:
+        before_rename(tmp)
+    replace_dir(tmp, path)
+    return path

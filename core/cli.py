@@ -186,10 +186,11 @@ def _eval_refs(args: argparse.Namespace) -> list[Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved hybrid (or a plain HF teacher directory) with lm-eval tasks and other evaluators."""
     from hybridize.training.devices import device_problem
-    from hybridize.evaluate import load_for_eval, markdown_table, parse_evaluators, run_evaluators
+    from hybridize.evaluate import markdown_table, parse_evaluators, run_evaluators
+    from hybridize.recipes.evaluation import load_for_eval
     from hybridize.errors import ConfigError
-    from hybridize.recipes.outputs import write_json, write_json_text
-    from hybridize.recipes.run import resolve_device
+    from hybridize.atomic_io import write_json, write_json_text
+    from hybridize.training.devices import resolve_device
     from hybridize.recipes.rundir import check_eval_out, prepare_eval_out
     from hybridize.registry.manager import get_plugin_manager
 
@@ -216,14 +217,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _relaunch(args: argparse.Namespace, cfg: Any) -> int:
     """``--nproc N``: check what can be checked here, then run the same command on N processes through torchrun."""
-    from hybridize.training import parallel as distributed
+    from hybridize.training import launcher, parallel as distributed
     from hybridize.recipes.rundir import check_out_dir, run_inputs
 
-    distributed.check_nproc(args.nproc, cfg.device)
+    launcher.check_nproc(args.nproc, cfg.device)
     d = cfg.distill
     distributed.check_batch(d.batch_size, d.micro_batch_size or d.batch_size, distributed.Dist(world=args.nproc))
     check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, inputs=run_inputs(cfg))
-    return distributed.launch(distributed.strip_nproc(args.argv), args.nproc)
+    return launcher.launch(launcher.strip_nproc(args.argv), args.nproc)
 
 
 def _add_nproc(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,6 @@
-"""Evaluation: run registered evaluators on an in-memory or saved model; tables of their metrics.
+"""Evaluation: the evaluator contract, running registered evaluators on a model, tables of their metrics.
+
+Loading a saved model for ``hybridize eval`` is a recipe (:mod:`hybridize.recipes.evaluation`).
 
 An evaluator is built as ``entry.factory(config)`` and called with an :class:`EvalTarget`; it returns
 an :class:`EvalResult`: ``metrics`` (name -> float, merged into result.json ``metrics``: one entry per
@@ -9,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -140,35 +141,6 @@ def run_evaluators(refs: Sequence[ComponentRef], target: EvalTarget, pm: Any) ->
         evals.append({"name": ref.name, "params": dict(ref.params), "metrics": out.metrics, "details": out.details,
                       "seconds": round(time.perf_counter() - t0, 1)})
     return {"metrics": metrics, "evals": evals}
-
-
-def load_for_eval(path: str | Path, *, device: str = "cpu") -> EvalTarget:
-    """Load a saved hybrid or a plain Hugging Face causal-LM directory, with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from hybridize.model.hybrid import PREFIX, load_hybrid
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"hybridize eval: {str(path)!r} must be a model directory with a config.json "
-                          f"(a saved hybrid such as OUT/model, or a Hugging Face teacher)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"hybridize eval: {str(path)!r} has no loadable tokenizer ({exc}); save one beside the weights") from exc
-    config = AutoConfig.from_pretrained(path)
-    if str(config.model_type).startswith(PREFIX):
-        model = load_hybrid(path, device=device)
-    else:
-        from hybridize.model.teacher import check_finite_weights
-        from hybridize.model.weights import check_weights_match_config
-
-        what = f"hybridize eval: model directory {str(path)!r}"
-        check_weights_match_config(path, config, what)  # safetensors only, complete, matching config.json
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-        check_finite_weights(model, what)
-        model = model.to(device)
-    return EvalTarget(model=model.eval(), tokenizer=tokenizer, label=path.name if path.name != "model" else path.parent.name, path=str(path))
 
 
 def _fmt(v: Any) -> str:

@@ -235,8 +235,6 @@ class LinearAttention(nn.Module):
         The cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier); a
         ``Cache`` under any other name is refused rather than ignored.
         """
-        from hybridize.model.cache import check_hybrid_cache, pop_cache
-
         where = f"layer {self.layer_idx} ({type(self).__name__})"
         cache = pop_cache(where, {"past_key_values": past_key_values, **kwargs})
         B, T, _ = hidden_states.shape
@@ -303,3 +301,44 @@ def _current_padding_mask(B: int, T: int) -> torch.Tensor | None:
     result = None if bool(part.all()) else part
     _LAST_MASK = (mask, (B, T), result)
     return result
+
+
+# -- the cache argument of the attention call (HybridCache: hybridize.model.cache) ------------------
+#: The names transformers has given the cache argument of model / layer / attention ``forward``:
+#: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (the old name a deprecated alias until 5.40).
+CACHE_ARG_NAMES = ("cache", "past_key_values")
+
+
+def pop_cache(layer: str, kwargs: dict[str, Any]) -> Any:
+    """Take the cache out of a call's keyword arguments, under whichever name it came.
+
+    Any other keyword argument holding a ``transformers`` ``Cache`` is an error: a cache under a
+    name this code does not know would otherwise be ignored, and a linear layer would decode
+    without its recurrent state (what transformers 5.24's rename did to earlier versions).
+
+    Raises:
+        HybridizeError: two different caches, or a cache under an unknown argument name.
+    """
+    from transformers.cache_utils import Cache
+
+    given = {n: kwargs.pop(n) for n in CACHE_ARG_NAMES if kwargs.get(n) is not None}
+    caches = list({id(c): c for c in given.values()}.values())
+    if len(caches) > 1:
+        raise HybridizeError(f"{layer} got two different caches ({', '.join(given)}); pass one")
+    stray = [n for n, v in kwargs.items() if isinstance(v, Cache)]
+    if stray:
+        raise HybridizeError(
+            f"{layer} got a {type(kwargs[stray[0]]).__name__} as argument {stray[0]!r}, a cache name hybridize does "
+            f"not know (it knows {', '.join(CACHE_ARG_NAMES)}); this transformers release is not supported"
+        )
+    return caches[0] if caches else None
+
+
+def check_hybrid_cache(cache: Any, where: str) -> None:
+    """Refuse a cache that has no place for recurrent state (e.g. a plain ``DynamicCache``)."""
+    if cache is not None and not hasattr(cache, "get_linear_state"):
+        raise HybridizeError(
+            f"{where} has linear-attention layers but got a {type(cache).__name__}, which has no recurrent state; "
+            "pass hybridize's HybridCache (HybridCache(num_layers, linear_layers)) or leave the cache out and let "
+            "the hybrid make one (generate() and forward(use_cache=True) do)"
+        )

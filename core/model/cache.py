@@ -17,10 +17,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from hybridize.errors import HybridizeError
-
-#: The names transformers has given the cache argument of model / layer / attention ``forward``:
-#: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (the old name a deprecated alias until 5.40).
-CACHE_ARG_NAMES = ("cache", "past_key_values")
+from hybridize.linear import CACHE_ARG_NAMES, LinearAttention, check_hybrid_cache, pop_cache  # noqa: F401 - re-exported
 
 State = dict[str, torch.Tensor]
 
@@ -143,8 +140,6 @@ def guard_backbone_cache(backbone: Any, args: tuple[Any, ...], kwargs: dict[str,
     transformers backbone would make a ``DynamicCache``, which holds no recurrent state), and
     passes it on under the name this transformers release uses.
     """
-    from hybridize.linear import LinearAttention
-
     layers = list(backbone.layers)
     linear = [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, LinearAttention)]
     if not linear:
@@ -172,36 +167,3 @@ def guard_backbone_cache(backbone: Any, args: tuple[Any, ...], kwargs: dict[str,
         else:
             kwargs[name] = cache
     return tuple(args), kwargs
-
-
-def pop_cache(layer: str, kwargs: dict[str, Any]) -> Any:
-    """Take the cache out of a call's keyword arguments, under whichever name it came.
-
-    Any other keyword argument holding a ``transformers`` ``Cache`` is an error: a cache under a
-    name this code does not know would otherwise be ignored, and a linear layer would decode
-    without its recurrent state (what transformers 5.24's rename did to earlier versions).
-
-    Raises:
-        HybridizeError: two different caches, or a cache under an unknown argument name.
-    """
-    given = {n: kwargs.pop(n) for n in CACHE_ARG_NAMES if kwargs.get(n) is not None}
-    caches = list({id(c): c for c in given.values()}.values())
-    if len(caches) > 1:
-        raise HybridizeError(f"{layer} got two different caches ({', '.join(given)}); pass one")
-    stray = [n for n, v in kwargs.items() if isinstance(v, Cache)]
-    if stray:
-        raise HybridizeError(
-            f"{layer} got a {type(kwargs[stray[0]]).__name__} as argument {stray[0]!r}, a cache name hybridize does "
-            f"not know (it knows {', '.join(CACHE_ARG_NAMES)}); this transformers release is not supported"
-        )
-    return caches[0] if caches else None
-
-
-def check_hybrid_cache(cache: Any, where: str) -> None:
-    """Refuse a cache that has no place for recurrent state (e.g. a plain ``DynamicCache``)."""
-    if cache is not None and not hasattr(cache, "get_linear_state"):
-        raise HybridizeError(
-            f"{where} has linear-attention layers but got a {type(cache).__name__}, which has no recurrent state; "
-            "pass hybridize's HybridCache (HybridCache(num_layers, linear_layers)) or leave the cache out and let "
-            "the hybrid make one (generate() and forward(use_cache=True) do)"
-        )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ class HybridMixin:
         return HybridCache(len(layers), linear)
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
-        from hybridize.model.cache import cache_arg_name, check_hybrid_cache, pop_cache
+        from hybridize.linear import check_hybrid_cache, pop_cache
+        from hybridize.model.cache import cache_arg_name
 
         name = cache_arg_name(type(self).forward)
         cache = pop_cache(f"{type(self).__name__}.generate", model_kwargs)
@@ -124,7 +124,7 @@ def hybrid_base_class(family: str) -> type:
 
 @functools.cache
 def _hybrid_classes(family: str) -> tuple[type, type, type]:
-    from hybridize.model.surgery import install_backbone_hooks, install_padding_hook
+    from hybridize.model.padding import install_backbone_hooks, install_padding_hook
 
     arch, layout = next((a, lay) for a, lay in SUPPORTED_ARCHITECTURES.items() if lay.family == family)
     transformers = __import__("transformers", fromlist=[arch])
@@ -180,26 +180,24 @@ def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
     is always complete, and :func:`load_hybrid` checks it against the manifest.
     """
     from hybridize import faults
-    from hybridize.atomic_io import write_manifest
-    from hybridize.recipes.outputs import replace_dir
+    from hybridize.atomic_io import atomic_dir, write_manifest
 
     model = as_hybrid(model)
     if extra:
         model.config.hybridize = {**model.config.hybridize, **extra}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():  # left by an interrupted save
-        shutil.rmtree(tmp)
-    from hybridize.atomic_io import clean_write
 
-    needed = sum(t.nelement() * t.element_size() for t in model.state_dict().values())
-    with clean_write(path, tmp, needed):
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    faults.kill_point("save-model")
-    write_manifest(tmp)
-    replace_dir(tmp, path)
+
+    def finish(tmp: Path) -> None:
+        faults.kill_point("save-model")
+        write_manifest(tmp)
+
+    needed = sum(t.nelement() * t.element_size() for t in model.state_dict().values())
+    atomic_dir(path, write, needed=needed, before_rename=finish)
     return path
 
 
@@ -214,7 +212,7 @@ def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, d
         HybridizeError: the directory holds a model that is not a hybrid.
     """
     from hybridize.atomic_io import read_manifest, verify_manifest
-    from hybridize.model.surgery import install_padding_hook
+    from hybridize.model.padding import install_padding_hook
 
     register_with_transformers()
     local = Path(path).is_dir()

@@ -499,7 +499,7 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     """
     from hybridize.recipes.outputs import check_out_dir, check_resume_config
     from hybridize.recipes.rundir import prepare_out_dir, run_inputs
-    from hybridize.recipes.run import resolve_device
+    from hybridize.training.devices import resolve_device
     from hybridize.registry.manager import get_plugin_manager
     from hybridize.recipes.preflight import check_run
     from hybridize.model.teacher import load_teacher

@@ -1,39 +1,14 @@
-"""Run directories: refuse to clobber, write files atomically, plot curves."""
+"""Run outputs: the metrics log, the run manifest, plots (files are written by :mod:`hybridize.atomic_io`)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from hybridize.atomic_io import replace_dir, write_json, write_json_text  # noqa: F401 - re-exported; their home is atomic_io
+from hybridize.atomic_io import save_figure as _save_figure
 from hybridize.errors import HybridizeError
 from hybridize.recipes.rundir import check_out_dir, prepare_out_dir  # noqa: F401 - their home until issue 17; import from rundir
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file (flushed to disk) and an atomic rename."""
-    from hybridize.atomic_io import clean_write
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    text = json.dumps(payload, indent=2, default=str) + "\n"
-    with clean_write(path, tmp, len(text.encode())):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def write_json_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and an atomic rename (no half-written file, none left over)."""
-    from hybridize.atomic_io import clean_write, fsync_write
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = text.encode()
-    with clean_write(path, tmp, len(data)):
-        fsync_write(tmp, data)
-        os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -81,22 +56,6 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary directory into place.
-
-    An old ``final`` is first renamed aside, so at every moment ``final`` is either the old
-    complete directory, absent, or the new complete one.
-    """
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 from hybridize.recipes.resume import RUN_CONFIG, check_resume_config  # noqa: E402,F401 - re-exported
 
 
@@ -136,13 +95,6 @@ def plot_distill_curve(history: dict[str, list[dict]], after_surgery: float | No
     _save_figure(fig, path)
     plt.close(fig)
     return path
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    """``savefig`` to a temporary name, then rename (a killed run never leaves half a PNG)."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
 
 
 def _plt() -> Any:

@@ -29,6 +29,8 @@ from typing import Any
 import attrs
 import torch
 
+from hybridize.atomic_io import write_json_text
+
 NOUNS = "cat dog bird fish girl boy king queen tree ship hat cake".split()
 VERBS = "sees likes finds takes makes helps".split()
 ADJS = "big small red blue old new happy sad".split()
@@ -324,9 +326,7 @@ def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Pat
     corpus_path = data_dir / "corpus.txt"
     if not corpus_path.is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = corpus_path.with_name(".corpus.txt.tmp")
-        tmp.write_text("\n\n".join(corpus(spec, n_docs, seed=1)) + "\n")
-        os.replace(tmp, corpus_path)
+        write_json_text(corpus_path, "\n\n".join(corpus(spec, n_docs, seed=1)) + "\n")  # atomic (atomic_io)
     task_dir = write_recall_task(spec, data_dir / "lm_eval_tasks")
     tree = quickstart_config(spec, teacher, corpus_path, task_dir, seeds=seeds or [0, 1], ratio=ratio,
                              selectors=selectors or ["kl-greedy-add", "uniform", "random"], recall_limit=recall_limit)
@@ -336,7 +336,7 @@ def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Pat
     result = compare(base, ccfg, out, resume=True, progress=progress)
     result["quickstart"] = {"teacher": str(teacher), "teacher_info": info, "task_dir": str(task_dir),
                             "wall_seconds": round(time.perf_counter() - t0, 1)}
-    from hybridize.recipes.outputs import write_json
+    from hybridize.atomic_io import write_json
 
     write_json(out / "compare.json", result)
     return result

@@ -112,7 +112,7 @@ def check_resume_config(out: Path, config: dict[str, Any], *, teacher: str | Non
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    from hybridize.recipes.outputs import write_json
+    from hybridize.atomic_io import write_json
 
     write_json(path, payload)
 

@@ -18,13 +18,8 @@ from hybridize import faults
 from hybridize.recipes.outputs import MetricsLog, check_resume_config, finish_run_dir, plot_distill_curve, prepare_out_dir, write_json
 from hybridize.recipes.rundir import run_inputs
 from hybridize.recipes.runconfig import RunConfig
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from hybridize.selection.fanout import probes_per_rank
+from hybridize.training.devices import resolve_device  # noqa: F401 - its home is training.devices
 
 
 def _observe(pm: Any, log: MetricsLog) -> Any:
@@ -110,7 +105,7 @@ def _dist_record(par: distributed.Dist, n_probes: int, distiller: Distiller) -> 
     """result.json ``distributed``: how the ranks shared the work."""
     record = {"world_size": par.world, "backend": par.backend, "final_distillation": distiller.parallel_used}
     if n_probes:
-        record["probes_per_rank"] = distributed.probes_per_rank(n_probes, par.world)
+        record["probes_per_rank"] = probes_per_rank(n_probes, par.world)
     return record
 
 

@@ -151,7 +151,7 @@ def empty_own_dir(out: Path) -> None:
 def write_marker(out: Path, command: str) -> None:
     """``OUT/hybridize-out.json``: this directory was created by hybridize (so ``--overwrite`` may empty it)."""
     from hybridize import __version__
-    from hybridize.recipes.outputs import write_json
+    from hybridize.atomic_io import write_json
 
     write_json(out / MARKER, {"format": 1, "created_by": f"hybridize {__version__}", "command": command})
 

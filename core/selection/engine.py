@@ -24,7 +24,8 @@ from torch import nn
 from hybridize.registry.configs import ComponentRef
 from hybridize.training.data import BlockSampler, PackedData
 from hybridize.distill.stages import DistillConfig, Distiller, alignment_losses, linear_modules
-from hybridize.training.parallel import SINGLE, ProbeCheckpoints, gather_window
+from hybridize.selection.fanout import ProbeCheckpoints, gather_window
+from hybridize.training.parallel import SINGLE
 from hybridize import faults
 from hybridize.errors import ConfigError, HybridizeError
 from hybridize.training.losses import chunked_kl
@@ -415,7 +416,7 @@ class SelectionEngine:
         if self.ckpt_dir is None:
             self._memory_ckpt = copy.deepcopy(state)
         else:
-            self._ckpts.save(state)  # this rank's probes (see hybridize.training.parallel.ProbeCheckpoints)
+            self._ckpts.save(state)  # this rank's probes (see hybridize.selection.fanout.ProbeCheckpoints)
 
     @staticmethod
     def _load_probe(run: ProbeRun, saved: dict[str, Any]) -> None:

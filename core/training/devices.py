@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _FORMS = "auto, cpu, cuda or cuda:N"  # mps is accepted too where torch has it (Apple GPUs)
 _CUDA = re.compile(r"cuda(?::(\d+))?")
@@ -51,3 +55,12 @@ def device_problem(value: object, *, field: str = "run field 'device'", fix: str
     if count == 0 or (match.group(1) is not None and int(match.group(1)) >= count):
         return f"{field} must be a device this machine has; got {value!r} ({_available(count)}); {fix}"
     return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

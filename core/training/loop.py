@@ -9,7 +9,6 @@ same weights as an uninterrupted run (tests/unit/test_train.py proves it on CPU)
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -23,9 +22,10 @@ from torch import nn
 
 from hybridize import faults
 from hybridize.training.data import BlockSampler
-from hybridize.training.parallel import SINGLE, check_batch, ddp_root, full_state, load_full_state, shard_batch
+from hybridize.training.checkpoints import full_state, load_checkpoint, load_full_state
+from hybridize.training.parallel import SINGLE, check_batch, ddp_root, shard_batch
 from hybridize.errors import HybridizeError
-from hybridize.atomic_io import IntegrityError, clean_write, commit_checkpoint, record_checkpoint, verify_checkpoint
+from hybridize.atomic_io import atomic_torch_save
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,53 +72,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` through a temporary file and an atomic rename, its hash in the manifest.
-
-    The directory's manifest records the new file's sha256 before the rename (see
-    :mod:`hybridize.atomic_io`), so :func:`load_checkpoint` can tell a damaged file from a good one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed process
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with clean_write(path, tmp, tensor_bytes(obj)):
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    record_checkpoint(path, tmp)
-    faults.kill_point("checkpoint-write")
-    os.replace(tmp, path)
-    commit_checkpoint(path)
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a (nested) checkpoint: about the size of its file."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def load_checkpoint(path: Path) -> Any:
-    """Verify a checkpoint against its manifest, then load it with ``weights_only=True``.
-
-    Raises:
-        IntegrityError: the file has no manifest record, does not match it, or cannot be read.
-    """
-    verify_checkpoint(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise IntegrityError(
-            f"checkpoint {str(path)!r} cannot be loaded ({type(exc).__name__}: {exc}); delete that file to redo "
-            "its stage, or start again with --overwrite"
-        ) from exc
 
 
 class NonFiniteLossError(HybridizeError):

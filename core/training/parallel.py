@@ -1,7 +1,8 @@
-"""Several processes on torch.distributed: probes fanned out over ranks, data-parallel distillation.
+"""Several processes on torch.distributed: the process group, data parallel (DDP) and FSDP2 wrapping.
 
 One process per GPU (or several CPU processes on gloo), started by ``torchrun`` or by
-``hybridize run --nproc N``, which re-launches itself through ``torch.distributed.run``::
+``hybridize run --nproc N``, which re-launches itself through ``torch.distributed.run``
+(:mod:`hybridize.training.launcher`)::
 
     torchrun --nproc_per_node 2 -m hybridize run CONFIG --out OUT
     hybridize run CONFIG --out OUT --nproc 2               # the same
@@ -19,19 +20,16 @@ One process per GPU (or several CPU processes on gloo), started by ``torchrun`` 
   shard the student's and the teacher's decoder layers with FSDP2 (``fully_shard``); stage 1 trains
   only attention parameters and stays DDP.
 - **Outputs and checkpoints**: rank 0 alone writes outputs (result.json, plots, the hybrid) and the
-  stage checkpoints (identical on every rank); every rank checkpoints its own probes
-  (:class:`ProbeCheckpoints`), so a killed run resumes per rank, also with another number of ranks.
+  stage checkpoints (identical on every rank, :mod:`hybridize.training.checkpoints`); every rank
+  checkpoints its own probes (:class:`hybridize.selection.fanout.ProbeCheckpoints`), so a killed run
+  resumes per rank, also with another number of ranks.
 """
 from __future__ import annotations
 
 import copy
 import datetime
 import os
-import re
-import shutil
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -204,7 +202,7 @@ def setup(device: str = "auto") -> Dist:
         device (``cuda:LOCAL_RANK`` on NCCL, the CPU on gloo) and the joined process group.
     """
     if not launched():
-        from hybridize.recipes.run import resolve_device
+        from hybridize.training.devices import resolve_device
 
         return Dist(device=resolve_device(device))
     import torch.distributed as dist
@@ -230,70 +228,6 @@ def teardown(par: Dist) -> None:
         if dist.is_initialized() and _joined_here:
             dist.destroy_process_group()
             _joined_here.clear()
-
-
-# -- the launcher behind `hybridize run --nproc N` --------------------------------------------------------
-def check_nproc(nproc: int, device: str) -> None:
-    """Refuse an --nproc that this machine cannot run, before any process starts.
-
-    Raises:
-        ConfigError: ``nproc < 1``, or more processes than GPUs on CUDA.
-    """
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1; got {nproc}")
-    if launched():
-        raise ConfigError("--nproc starts torchrun itself; this process already runs under torchrun, so leave --nproc out")
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if nproc > 1 and device.startswith("cuda:"):
-        raise ConfigError(f"run field 'device' must be auto or cuda with --nproc {nproc} (rank r takes GPU r); got {device!r}")
-    if cuda and nproc > 1:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if nproc > count:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
-            raise ConfigError(
-                f"--nproc {nproc} needs {nproc} GPUs (one per process) but this machine shows {count}{shown}; "
-                f"use --nproc {max(count, 1)} or fewer, or --set device=cpu to run {nproc} CPU processes on gloo"
-            )
-
-
-def torchrun_args(argv: Sequence[str], nproc: int) -> list[str]:
-    """torchrun's arguments for ``hybridize ARGV`` on ``nproc`` local processes (``--standalone``: a free port)."""
-    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "hybridize", *argv]
-
-
-def launch(argv: Sequence[str], nproc: int) -> int:
-    """Run ``hybridize ARGV`` on ``nproc`` local processes through torchrun (``torch.distributed.run``).
-
-    Returns:
-        0, or the exit status of the first process that failed (2 for a hybridize error, whose
-        message that process printed); torchrun stops the others.
-    """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        run(get_args_parser().parse_args(torchrun_args(argv, nproc)))
-    except ChildFailedError as exc:
-        codes = sorted({f.exitcode for f in exc.failures.values()})
-        print(f"hybridize: {len(exc.failures)} of {nproc} processes stopped (exit status {', '.join(map(str, codes))}); "
-              "the error is printed above", file=sys.stderr)
-        return next((c for c in codes if c > 0), 1)
-    return 0
-
-
-def strip_nproc(argv: Sequence[str]) -> list[str]:
-    """``argv`` without its ``--nproc N`` / ``--nproc=N``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
 
 
 # -- data parallel and FSDP2 -------------------------------------------------------------------------------------
@@ -412,152 +346,3 @@ class FSDPShards:
         par.broadcast_module_(self.student)
         self.teacher.to(par.device)
         return self.student
-
-
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str]) -> tuple[dict, dict]:
-    """Whole tensors of ``names`` and the optimizer state of an FSDP2-sharded model (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(model, optimizer, options=opts)
-    return {n: weights[n] for n in names if n in weights}, optim  # with cpu_offload only rank 0 gets the tensors
-
-
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
-    """Load whole tensors and optimizer state (as :func:`full_state` gives them) into an FSDP2-sharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, weights, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-
-
-# -- probe checkpoints, per rank --------------------------------------------------------------------------------
-_RANK_DIR = re.compile(r"rank(\d+)-of-(\d+)$")
-_STEP_FILE = re.compile(r"probes-(\d+)\.pt$")
-
-
-@attrs.define
-class ProbeCheckpoints:
-    """Where a selection's probes are checkpointed.
-
-    One process writes ``DIR/probes.pt`` (every probe). With N ranks, rank r writes its own probes
-    to ``DIR/rank{r}-of-{N}/probes-{step}.pt`` at every evaluation window; its older windows are
-    deleted only after every rank has written the new one (a barrier), so a kill at any moment
-    leaves a step that every rank has. Resume takes the newest step that some layout holds
-    completely, so a run may also resume with another number of ranks: each rank reads its probes
-    from whichever files hold them.
-
-    Args:
-        root: the selection's checkpoint directory.
-        par: this process's place in the job.
-    """
-
-    root: Path
-    par: Dist = SINGLE
-    _where: dict[int, Path] = attrs.field(factory=dict)  # layer -> the file with its last checkpoint
-
-    def _own_dir(self) -> Path:
-        return self.root / f"rank{self.par.rank}-of-{self.par.world}"
-
-    def path(self, step: int) -> Path:
-        return self.root / "probes.pt" if not self.par.active else self._own_dir() / f"probes-{step:08d}.pt"
-
-    def save(self, state: dict[str, Any]) -> Path:
-        """Write this rank's probes at ``state["step"]``, then drop what no rank needs any more."""
-        from hybridize.training.loop import atomic_torch_save
-
-        path = self.path(state["step"])
-        atomic_torch_save(state, path)
-        self._where = dict.fromkeys(state["probes"], path)
-        self.par.barrier()  # every rank has this step now
-        self._prune(path)
-        return path
-
-    def _prune(self, keep: Path) -> None:
-        from hybridize.atomic_io import forget_checkpoint
-
-        if self.par.active:
-            for old in self._own_dir().glob("probes-*.pt"):
-                if old != keep:
-                    forget_checkpoint(old)
-        if not self.par.is_main:
-            return
-        mine = self._own_dir().name if self.par.active else None
-        for d in self.root.glob("rank*-of-*"):
-            m = _RANK_DIR.match(d.name)
-            if m and d.is_dir() and int(m.group(2)) != self.par.world and d.name != mine:
-                shutil.rmtree(d, ignore_errors=True)
-        if self.par.active and (self.root / "probes.pt").exists():
-            forget_checkpoint(self.root / "probes.pt")
-
-    def _layouts(self, cache: dict[Path, dict[str, Any]]) -> list[tuple[int, int, dict[int, Path]]]:
-        """(step, ranks, rank -> file) of every step some layout holds completely (``probes.pt`` is read into ``cache``)."""
-        found: dict[tuple[int, int], dict[int, Path]] = {}
-        for d in self.root.glob("rank*-of-*"):
-            m = _RANK_DIR.match(d.name)
-            if not (m and d.is_dir()):
-                continue
-            r, n = int(m.group(1)), int(m.group(2))
-            for f in d.glob("probes-*.pt"):
-                s = _STEP_FILE.match(f.name)
-                if s:
-                    found.setdefault((int(s.group(1)), n), {})[r] = f
-        out = [(step, n, files) for (step, n), files in found.items() if len(files) == n and n > 1]
-        single = self.root / "probes.pt"
-        if single.exists():
-            from hybridize.training.loop import load_checkpoint
-
-            cache[single] = load_checkpoint(single)
-            out.append((int(cache[single]["step"]), 1, {0: single}))
-        return out
-
-    def load(self, plan: Sequence[int]) -> dict[str, Any] | None:
-        """The newest complete checkpoint, with ``probes`` holding this rank's layers; None when there is none.
-
-        Args:
-            plan: the layers of the selector's probes, in plan order (probe i ran on rank i mod N).
-        """
-        from hybridize.training.loop import load_checkpoint
-
-        found: dict[Path, dict[str, Any]] = {}
-        layouts = self._layouts(found)
-        if not layouts:
-            return None
-        step, n, files = max(layouts, key=lambda x: (x[0], x[1] == self.par.world))
-        mine = [l for i, l in enumerate(plan) if self.par.owns(i)]
-        source = {l: files[plan.index(l) % n] for l in mine}
-        cache = {}
-        for path in sorted(set(source.values())) or [files[0]]:
-            cache[path] = found[path] if path in found else load_checkpoint(path)
-        state = dict(next(iter(cache.values())))
-        state["probes"] = {l: cache[source[l]]["probes"][l] for l in mine}
-        self._where = source
-        return state
-
-    def probe_state(self, layer: int) -> tuple[int, dict[str, Any]]:
-        """(step, saved state) of one of this rank's probes at its last checkpoint."""
-        from hybridize.training.loop import load_checkpoint
-
-        state = load_checkpoint(self._where.get(layer, self.path(0)))
-        return state["step"], state["probes"][layer]
-
-
-def probes_per_rank(n_probes: int, world: int) -> list[int]:
-    """How many of ``n_probes`` probes each rank runs (round robin)."""
-    return [len(range(r, n_probes, world)) for r in range(world)]
-
-
-def gather_window(par: Dist, raw: dict[int, float], status: dict[int, dict], eval_tokens: int,
-                  plan: Sequence[int]) -> tuple[dict[int, float], dict[int, dict], int]:
-    """Every rank's window: raw scores (in plan order), its probes' status records, its held-out eval tokens (summed)."""
-    if not par.active:
-        return raw, status, eval_tokens
-    merged_raw: dict[int, float] = {}
-    merged_status: dict[int, dict] = {}
-    parts = par.all_gather((raw, status, eval_tokens))
-    for r, s, _ in parts:
-        merged_raw.update(r)
-        merged_status.update(s)
-    return {l: merged_raw[l] for l in plan if l in merged_raw}, merged_status, sum(p[2] for p in parts)

@@ -27,7 +27,9 @@ import yaml
 from hybridize.registry.configs import ComponentRef
 from hybridize.training.data import DataConfig, prepare_data
 from hybridize.distill.stages import DistillConfig, Distiller
-from hybridize.training.parallel import Dist, ProbeCheckpoints, check_batch, check_nproc, probes_per_rank, strip_nproc
+from hybridize.selection.fanout import ProbeCheckpoints, probes_per_rank
+from hybridize.training.launcher import check_nproc, strip_nproc
+from hybridize.training.parallel import Dist, check_batch
 from hybridize.errors import ConfigError
 from hybridize.registry.manager import get_plugin_manager
 from hybridize.selection.engine import ProbeDivergedWarning, SelectionConfig, SelectionEngine
@@ -215,7 +217,7 @@ def test_a_failure_on_rank_0_reaches_every_rank(tmp_path):
 
 
 def test_probe_checkpoints_pick_the_newest_step_every_rank_has(tmp_path):
-    from hybridize.training.loop import atomic_torch_save
+    from hybridize.atomic_io import atomic_torch_save
 
     def state(step, layers):
         return {"step": step, "probes": {l: {"model": {}, "optimizer": {}, "scheduler": {}} for l in layers}}

@@ -13,7 +13,9 @@ from hybridize.atomic_io import MANIFEST, IntegrityError, record_checkpoint, ver
 from hybridize.model.hybrid import load_hybrid, save_hybrid
 from hybridize.model.surgery import build_student
 from hybridize.testing.models import tiny_model, tiny_tokenizer
-from hybridize.training.loop import Loop, LoopConfig, NonFiniteLossError, atomic_torch_save, load_checkpoint
+from hybridize.atomic_io import atomic_torch_save
+from hybridize.training.checkpoints import load_checkpoint
+from hybridize.training.loop import Loop, LoopConfig, NonFiniteLossError
 
 FIX = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
 

@@ -179,12 +179,12 @@ def test_no_code_path_deletes_with_a_broad_call():
     root = Path(__file__).parents[2]
     reviewed = {
         "core/recipes/rundir.py": 2,        # empty_own_dir, after check_overwrite: OUT's own entries
-        "core/atomic_io.py": 3,     # forget_checkpoint (a recorded checkpoint); clean_write (its own temporary file or dir)
-        "core/recipes/outputs.py": 2,       # replace_dir: its own `.NAME.old`
-        "core/model/hybrid.py": 1,      # save_hybrid: its own `.NAME.tmp`
+        # forget_checkpoint (a recorded checkpoint); clean_write (its own temporary file or dir); replace_dir
+        # (its own `.NAME.old`, twice); atomic_dir (its own `.NAME.tmp` of a saved hybrid); atomic_torch_save
+        # (its own `.NAME.tmp*` left by a killed process)
+        "core/atomic_io.py": 7,
         "core/recipes/quickstart.py": 3,    # ensure_teacher: its own temporary and cached teacher in the cache directory
-        "core/training/parallel.py": 1,   # probe checkpoints: rank directories of another layout, inside checkpoints/selection
-        "core/training/loop.py": 1,         # atomic_torch_save: its own `.NAME.tmp*` left by a killed process
+        "core/selection/fanout.py": 1,      # probe checkpoints: rank directories of another layout, inside checkpoints/selection
     }
     found = {}
     for path in sorted((root / "core").rglob("*.py")) + sorted((root / "plugins").rglob("*.py")):

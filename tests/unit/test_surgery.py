@@ -9,7 +9,8 @@ import torch
 from hybridize.errors import ConfigError, PluginReturnError, UnknownComponentError, UnsupportedArchitectureError
 from hybridize.linear import PADDING_MASK, LinearAttention
 from hybridize.registry.manager import HybridizePluginManager, get_plugin_manager
-from hybridize.model.surgery import build_student, install_padding_hook, linear_layers, softmax_layers
+from hybridize.model.padding import install_padding_hook
+from hybridize.model.surgery import build_student, linear_layers, softmax_layers
 from hybridize.testing.models import FAMILIES, CumsumConfig, ToyVariantPlugin, tiny_model
 
 TOY = "toy-cumsum"
