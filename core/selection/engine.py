@@ -7,6 +7,11 @@ not fit in memory together, they run in groups per evaluation window, sharing th
 teacher hidden states (kept on the CPU), so grouping costs no extra teacher passes. Every
 window checkpoints all probes, the data position and the stop criterion, so a killed selection
 resumes where it stopped.
+
+The package in data-flow order: :mod:`~hybridize.selection.components` (selector, scorer, stop),
+this module (shared stage 1, windows of teacher passes, scoring, stop), :mod:`~hybridize.selection.probes`
+(a probe, its optimization from :mod:`hybridize.training.loop`, one window's training, the retry on
+divergence), :mod:`~hybridize.selection.checkpoints` (the per-window checkpoint).
 """
 from __future__ import annotations
 
@@ -22,12 +27,13 @@ from torch import nn
 from hybridize.registry.configs import ComponentRef
 from hybridize.training.data import BlockSampler, PackedData
 from hybridize.distill.stages import DistillConfig, Distiller, alignment_losses, linear_modules
+from hybridize.selection.components import Components
 from hybridize.selection.checkpoints import WindowCheckpoints, window_state
 from hybridize.selection.probes import DivergenceGuard, ProbeBuilder, ProbeDivergedWarning, ProbeRun, train_window
 from hybridize.training.parallel import SINGLE, ProbeCheckpoints, gather_window
 from hybridize import faults
-from hybridize.errors import ConfigError, HybridizeError
-from hybridize.selection.contract import ChoiceConfig, Probe, ScoreContext, build_selector_configs, choose, jaccard, rank, resolve_budget
+from hybridize.errors import HybridizeError
+from hybridize.selection.contract import ScoreContext, choose, jaccard, rank
 from hybridize.model.teacher import decoder_layers
 from hybridize.training.loop import autocast_for, set_rng_state
 
@@ -69,40 +75,6 @@ class SelectionConfig:
     probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
     probe_group_size: int = attrs.field(default=0, validator=ge0)
     nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
-
-
-@attrs.define
-class Components:
-    """The selector, scorer, stop criterion and distance options of one selection, built from the registry."""
-
-    selector: Any
-    scorer: Any
-    stop: Any
-    names: dict[str, Any]
-    choice: ChoiceConfig = ChoiceConfig()
-
-    @classmethod
-    def build(cls, cfg: SelectionConfig, pm: Any, *, seed: int, k: int) -> Components:
-        sel_entry = pm.registry("selector")[cfg.selector.name]
-        sel_config, choice = build_selector_configs(sel_entry, cfg.selector.params)
-        selector = sel_entry.factory(sel_config, seed=seed)
-        scorer_ref = cfg.scorer or (ComponentRef(name=selector.default_scorer) if selector.default_scorer else None)
-        scorer = None
-        if scorer_ref is not None and selector.needs != "none":
-            entry = pm.registry("scorer")[scorer_ref.name]
-            scorer = entry.factory(entry.build_config(scorer_ref.params))
-            want = {"probes": "probe", "stage1": "stage1", "teacher": "teacher"}[selector.needs]
-            if scorer.requires != want:
-                raise ConfigError(
-                    f"selection field 'scorer' must be a scorer of {want} results for selector {cfg.selector.name!r}; "
-                    f"got {scorer_ref.name!r}, which scores {scorer.requires} results"
-                )
-        stop_entry = pm.registry("stop_criterion")[cfg.stop.name]
-        stop = stop_entry.factory(stop_entry.build_config(cfg.stop.params), k=k)
-        names = {"selector": cfg.selector.name, "scorer": scorer_ref.name if scorer else None, "stop": cfg.stop.name}
-        if choice.active:
-            names["choice"] = choice.to_dict()
-        return cls(selector, scorer, stop, names, choice)
 
 
 @attrs.define(slots=False)
