@@ -5,6 +5,11 @@ Checkpoints hold the trainable state, optimizer, scheduler, RNG states and the d
 and are written to a temporary name and renamed, so a kill at any moment leaves either the
 previous checkpoint or the new one, never half of one. Resuming from a checkpoint gives the
 same weights as an uninterrupted run (tests/unit/test_train.py proves it on CPU).
+
+:class:`Optimization` is the one optimizer of every training run in hybridize: AdamW with per-group
+lrs, the lr schedule, gradient clipping, the NaN guard and their checkpointable state. :class:`Loop`
+owns one for a whole stage; each selection probe owns one and is stepped window by window
+(:mod:`hybridize.selection.probes`); the quickstart teacher is trained with one.
 """
 from __future__ import annotations
 
@@ -246,7 +251,8 @@ class Loop:
     Args:
         name: stage name, for progress bars, hooks and checkpoint files.
         model: the module whose ``state_dict`` is checkpointed (only trainable tensors are saved).
-        param_groups: AdamW parameter groups; ``cfg.lr`` gives one lr per group.
+        param_groups: AdamW parameter groups; ``cfg.lr`` gives one lr per group (``self.opt``, an
+            :class:`Optimization`, owns the optimizer, schedule, clipping and NaN guard).
         loss_fn: maps a (micro_batch, T) block of token ids to a scalar loss.
         blocks: (N, T) token ids on CPU.
         cfg: the loop settings.
