@@ -150,9 +150,19 @@ def recall_docs(spec: RecallSpec, n: int, seed: int) -> list[dict[str, str]]:
     return out
 
 
+def teacher_loop_config(spec: RecallSpec) -> Any:
+    """The teacher's optimisation settings (a LoopConfig; its schedule is its own: warm-up times cosine to 5%)."""
+    from hybridize.training.loop import LoopConfig
+
+    return LoopConfig(steps=spec.steps, batch_size=spec.batch_size, micro_batch_size=spec.batch_size, lr=spec.lr,
+                      betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0)
+
+
 def train_teacher(spec: RecallSpec, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Train the teacher on fresh corpus documents and save it (HF directory with tokenizer) to ``out``."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.training.loop import Optimization
 
     tok = build_tokenizer(spec)
     ids = {w: i for i, w in enumerate(vocabulary(spec))}
@@ -162,10 +172,9 @@ def train_teacher(spec: RecallSpec, out: Path, *, progress: bool = True) -> dict
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(cfg)
     rng = random.Random(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = max(1, spec.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, spec.steps) / spec.steps))))
+    opt = Optimization([{"params": list(model.parameters())}], teacher_loop_config(spec), torch.device("cpu"),
+                       schedule=lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, spec.steps) / spec.steps))))
 
     def batch(n: int, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         rows, weights = [], []
@@ -188,10 +197,7 @@ def train_teacher(spec: RecallSpec, out: Path, *, progress: bool = True) -> dict
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none")
         loss = (nll * w[:, 1:].reshape(-1)).sum() / w[:, 1:].sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     accuracy = recall_accuracy(model, tok, recall_docs(spec, 256, seed=10_000 + spec.seed))

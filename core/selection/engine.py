@@ -7,12 +7,15 @@ not fit in memory together, they run in groups per evaluation window, sharing th
 teacher hidden states (kept on the CPU), so grouping costs no extra teacher passes. Every
 window checkpoints all probes, the data position and the stop criterion, so a killed selection
 resumes where it stopped.
+
+The package in data-flow order: :mod:`~hybridize.selection.components` (selector, scorer, stop),
+this module (shared stage 1, windows of teacher passes, scoring, stop), :mod:`~hybridize.selection.probes`
+(a probe, its optimization from :mod:`hybridize.training.loop`, one window's training, the retry on
+divergence), :mod:`~hybridize.selection.checkpoints` (the per-window checkpoint).
 """
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,14 +27,18 @@ from torch import nn
 from hybridize.registry.configs import ComponentRef
 from hybridize.training.data import BlockSampler, PackedData
 from hybridize.distill.stages import DistillConfig, Distiller, alignment_losses, linear_modules
+from hybridize.selection.components import Components
+from hybridize.selection.checkpoints import WindowCheckpoints, window_state
+from hybridize.selection.probes import DivergenceGuard, ProbeBuilder, ProbeDivergedWarning, ProbeRun, train_window
 from hybridize.selection.fanout import ProbeCheckpoints, gather_window
 from hybridize.training.parallel import SINGLE
 from hybridize import faults
-from hybridize.errors import ConfigError, HybridizeError
-from hybridize.training.losses import chunked_kl
-from hybridize.selection.contract import ChoiceConfig, Probe, ScoreContext, build_selector_configs, choose, jaccard, rank, resolve_budget
+from hybridize.errors import HybridizeError
+from hybridize.selection.contract import ScoreContext, choose, jaccard, rank
 from hybridize.model.teacher import decoder_layers
-from hybridize.training.loop import autocast_for, cosine_lambda, param_groups, rng_state, set_rng_state
+from hybridize.training.loop import autocast_for, set_rng_state
+
+__all__ = ["SelectionConfig", "ProbeDivergedWarning", "SelectionEngine", "Components", "ProbeRun"]
 
 ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
 
@@ -69,61 +76,6 @@ class SelectionConfig:
     probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
     probe_group_size: int = attrs.field(default=0, validator=ge0)
     nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
-
-
-class ProbeDivergedWarning(UserWarning):
-    """A probe's loss or score became NaN / inf (it is retried once, then left out of the ranking)."""
-
-
-@attrs.define
-class Components:
-    """The selector, scorer, stop criterion and distance options of one selection, built from the registry."""
-
-    selector: Any
-    scorer: Any
-    stop: Any
-    names: dict[str, Any]
-    choice: ChoiceConfig = ChoiceConfig()
-
-    @classmethod
-    def build(cls, cfg: SelectionConfig, pm: Any, *, seed: int, k: int) -> Components:
-        sel_entry = pm.registry("selector")[cfg.selector.name]
-        sel_config, choice = build_selector_configs(sel_entry, cfg.selector.params)
-        selector = sel_entry.factory(sel_config, seed=seed)
-        scorer_ref = cfg.scorer or (ComponentRef(name=selector.default_scorer) if selector.default_scorer else None)
-        scorer = None
-        if scorer_ref is not None and selector.needs != "none":
-            entry = pm.registry("scorer")[scorer_ref.name]
-            scorer = entry.factory(entry.build_config(scorer_ref.params))
-            want = {"probes": "probe", "stage1": "stage1", "teacher": "teacher"}[selector.needs]
-            if scorer.requires != want:
-                raise ConfigError(
-                    f"selection field 'scorer' must be a scorer of {want} results for selector {cfg.selector.name!r}; "
-                    f"got {scorer_ref.name!r}, which scores {scorer.requires} results"
-                )
-        stop_entry = pm.registry("stop_criterion")[cfg.stop.name]
-        stop = stop_entry.factory(stop_entry.build_config(cfg.stop.params), k=k)
-        names = {"selector": cfg.selector.name, "scorer": scorer_ref.name if scorer else None, "stop": cfg.stop.name}
-        if choice.active:
-            names["choice"] = choice.to_dict()
-        return cls(selector, scorer, stop, names, choice)
-
-
-@attrs.define
-class ProbeRun:
-    """One probe student with its optimizer and schedule."""
-
-    probe: Probe
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-
-    def to(self, device: torch.device) -> None:
-        self.model.to(device)
-        for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    state[key] = value.to(device)
 
 
 @attrs.define(slots=False)
@@ -167,15 +119,24 @@ class SelectionEngine:
         self.distiller = Distiller(teacher=self.teacher, data=self.data, cfg=self.distill, device=self.device,
                                    ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress, dist=self.dist,
                                    on_step=self.on_step)
-        self._ckpts = ProbeCheckpoints(self.ckpt_dir, self.par) if self.ckpt_dir is not None else None
+        self._windows = WindowCheckpoints(ProbeCheckpoints(self.ckpt_dir, self.par) if self.ckpt_dir is not None else None)
+        self.guard = DivergenceGuard(lr_scale=self.cfg.nan_retry_lr_scale, train=lambda *a: self._train_window(*a),
+                                     score=lambda group: self._score_window(group), restore=self._windows.restore)
         self.stage1_modules: dict[int, nn.Module] = {}
         self.stage1_shared = False
         self._stage1_teacher_tokens = 0
         self.trajectory: list[dict[str, Any]] = []
         self.stop_step: int | None = None
         self.tokens = {"stage1": 0, "probe_each": 0, "probes_total": 0, "teacher_forward": 0, "teacher_backward": 0, "eval_forward": 0}
-        self.probe_status: dict[int, dict[str, Any]] = {}  # layer -> retried / failed record
-        self._memory_ckpt: dict[str, Any] | None = None  # the last probe checkpoint when ckpt_dir is None
+
+    @property
+    def probe_status(self) -> dict[int, dict[str, Any]]:
+        """layer -> its retried / failed record (kept by the divergence guard)."""
+        return self.guard.status
+
+    @probe_status.setter
+    def probe_status(self, status: dict[int, dict[str, Any]]) -> None:
+        self.guard.status = status
 
     # -- stage 1, shared --------------------------------------------------------------------------
     def shared_stage1(self) -> dict[int, nn.Module]:
@@ -239,56 +200,18 @@ class SelectionEngine:
                             device=self.device, spend=self._spend)
 
     # -- probes -------------------------------------------------------------------------------------
-    def _probe_model(self, probe: Probe) -> nn.Module:
-        from hybridize.model.surgery import build_student
-
-        model = build_student(self.teacher, list(probe.softmax_layers), self.variant.name, self.variant.params, pm=self.pm)
-        for i, module in linear_modules(model).items():
-            module.load_state_dict(self.stage1_modules[i].state_dict())
-        return model.requires_grad_(True).train()
-
-    def _probe_run(self, probe: Probe, steps: int) -> ProbeRun:
-        model = self._probe_model(probe)
-        groups = [g for g in param_groups(model.named_parameters(), lambda n: ".self_attn." in n) if g["params"]]
-        lr_attn = self.cfg.probe_lr_attn or self.distill.stage2_lr_attn
-        lr_other = self.cfg.probe_lr_other or self.distill.stage2_lr_other
-        for g in groups:
-            g["lr"] = lr_attn if g["name"] == "attention" else lr_other
-        opt = torch.optim.AdamW(groups, betas=tuple(self.distill.betas), weight_decay=self.distill.weight_decay,
-                                fused=self.device.type == "cuda")
-        warm = round(self.distill.warmup_fraction * steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(steps, warm, self.distill.min_lr_ratio))
-        return ProbeRun(probe, model, opt, sched)
+    def _probe_builder(self) -> ProbeBuilder:
+        return ProbeBuilder(teacher=self.teacher, stage1_modules=self.stage1_modules, variant=self.variant, pm=self.pm,
+                            distill=self.distill, lr_attn=self.cfg.probe_lr_attn or self.distill.stage2_lr_attn,
+                            lr_other=self.cfg.probe_lr_other or self.distill.stage2_lr_other, device=self.device)
 
     def _groups(self, runs: list[ProbeRun]) -> list[list[ProbeRun]]:
         size = self.cfg.probe_group_size or max(1, len(runs))  # a rank may have no probes (more ranks than probes)
         return [runs[i : i + size] for i in range(0, len(runs), size)]
 
-    def _train_window(self, group: list[ProbeRun], batches: list[torch.Tensor], teacher_h: list[list[torch.Tensor]]) -> dict[int, bool]:
-        """The window's optimizer steps for one group of probes, on the shared teacher hidden states.
-
-        Returns:
-            layer -> whether every training loss of that probe in this window was finite.
-        """
-        finite = {run.probe.layer: torch.ones((), dtype=torch.bool, device=self.device) for run in group}
-        for ids_parts, h_parts in zip(batches, teacher_h):
-            for run in group:
-                for ids, h_t in zip(ids_parts, h_parts):
-                    with autocast_for(self.device):
-                        h_s = run.model.model(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
-                        loss = chunked_kl(h_s, h_t.to(self.device), run.model.lm_head, self.teacher.lm_head,
-                                          temperature=self.distill.temperature, chunk_tokens=self.distill.kl_chunk_tokens)
-                    if faults.fires("probe-nan", run.probe.layer):
-                        loss = loss * float("nan")
-                    finite[run.probe.layer] &= torch.isfinite(loss.detach())  # no host sync per step
-                    (loss / len(ids_parts)).backward()
-                if self.distill.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(run.model.parameters(), self.distill.grad_clip)
-                run.optimizer.step()
-                run.scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                faults.kill_point("probe-step")
-        return {layer: bool(ok) for layer, ok in finite.items()}
+    def _train_window(self, group: list[ProbeRun], batches: list, teacher_h: list) -> dict[int, bool]:
+        """The window's optimizer steps for one group (see :func:`hybridize.selection.probes.train_window`)."""
+        return train_window(group, batches, teacher_h, self.teacher, self.distill, self.device)
 
     @torch.no_grad()
     def _teacher_window(self, sampler: BlockSampler, steps: int, keep_on: torch.device, run_teacher: bool = True) -> tuple[list, list]:
@@ -310,72 +233,14 @@ class SelectionEngine:
 
     def _score_window(self, runs: list[ProbeRun], raw: dict[int, float] | None = None) -> dict[int, float]:
         if raw is None:
-            probes = {r.probe.layer: r.model for r in runs}
+            probes = {r.layer: r.model for r in runs}
             ctx = ScoreContext(layers=sorted(probes), probes=probes, heldout_kl=self._heldout_kl)
             raw = self.parts.scorer(ctx)
         return raw
 
     # -- NaN / inf guard --------------------------------------------------------------------------
     def _failed(self) -> set[int]:
-        return {l for l, rec in self.probe_status.items() if rec["status"] == "failed"}
-
-    def _divergence(self, run: ProbeRun, finite: dict[int, bool], raw: dict[int, float]) -> str | None:
-        layer = run.probe.layer
-        if not finite.get(layer, True):
-            return "non-finite training loss"
-        if not math.isfinite(raw.get(layer, 0.0)):
-            return f"non-finite score {raw[layer]}"
-        return None
-
-    def _restore(self, run: ProbeRun) -> int:
-        """Put a probe back to the last checkpoint (model, optimizer, schedule); returns its step."""
-        if self._ckpts is not None:
-            step, saved = self._ckpts.probe_state(run.probe.layer)
-            self._load_probe(run, saved)
-            return step
-        state = self._memory_ckpt
-        self._load_probe(run, state["probes"][run.probe.layer])
-        return state["step"]
-
-    def _retry(self, run: ProbeRun, why: str, step: int, batches: list, hidden: list) -> dict[int, float]:
-        """Retry a diverged probe once from its last checkpoint at a lower lr; mark it failed if that diverges too."""
-        layer, scale = run.probe.layer, self.cfg.nan_retry_lr_scale
-        if self.probe_status.get(layer, {}).get("status") == "retried":
-            return self._fail(run, f"{why} again after its retry", step)
-        since = self._restore(run)
-        for g in run.optimizer.param_groups:
-            g["lr"] *= scale
-            if "initial_lr" in g:
-                g["initial_lr"] *= scale
-        run.scheduler.base_lrs = [lr * scale for lr in run.scheduler.base_lrs]
-        self.probe_status[layer] = {"status": "retried", "step": step, "reason": why, "lr_scale": scale}
-        warnings.warn(f"probe of layer {layer} diverged ({why}) in the window ending at probe step {step}; retrying it "
-                      f"once from its checkpoint at step {since} with learning rates x{scale}", ProbeDivergedWarning, stacklevel=2)
-        finite = self._train_window([run], batches, hidden)
-        raw = self._score_window([run])
-        again = self._divergence(run, finite, raw)
-        return self._fail(run, f"{again} after its retry at lr x{scale}", step) if again else raw
-
-    def _fail(self, run: ProbeRun, why: str, step: int) -> dict[int, float]:
-        layer = run.probe.layer
-        self.probe_status[layer] = {"status": "failed", "step": step, "reason": why, "lr_scale": self.cfg.nan_retry_lr_scale}
-        warnings.warn(f"probe of layer {layer} failed ({why}) at probe step {step}; layer {layer} is left out of the "
-                      "ranking and cannot be selected", ProbeDivergedWarning, stacklevel=2)
-        return {}
-
-    def _guarded_scores(self, group: list[ProbeRun], step: int, batches: list, hidden: list) -> dict[int, float]:
-        """Train one group for the window, score it, retry or fail the probes that diverged."""
-        active = [r for r in group if r.probe.layer not in self._failed()]
-        if not active:
-            return {}
-        finite = self._train_window(active, batches, hidden)
-        raw = self._score_window(active)
-        for run in active:
-            why = self._divergence(run, finite, raw)
-            if why is not None:
-                raw.pop(run.probe.layer, None)
-                raw.update(self._retry(run, why, step, batches, hidden))
-        return raw
+        return self.guard.failed()
 
     def _importance(self, raw: dict[int, float]) -> dict[int, float]:
         """The selector's importance of the healthy layers (failed probes are left out of the ranking)."""
@@ -407,32 +272,16 @@ class SelectionEngine:
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save(self, runs: list[ProbeRun], sampler: BlockSampler, step: int, done: bool) -> None:
         """Checkpoint every probe, the data position and the stop state (kept in memory without ``ckpt_dir``)."""
-        state = {"step": step, "done": done, "stop_step": self.stop_step, "sampler": sampler.state_dict(),
-                 "trajectory": self.trajectory, "stop": self.parts.stop.state_dict(), "tokens": self.tokens, "rng": rng_state(),
-                 "probe_status": {str(l): rec for l, rec in self.probe_status.items()},
-                 "probes": {r.probe.layer: {"model": {n: p.detach().cpu() for n, p in r.model.named_parameters()},
-                                            "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict()}
-                            for r in runs}}
-        if self.ckpt_dir is None:
-            self._memory_ckpt = copy.deepcopy(state)
-        else:
-            self._ckpts.save(state)  # this rank's probes (see hybridize.selection.fanout.ProbeCheckpoints)
-
-    @staticmethod
-    def _load_probe(run: ProbeRun, saved: dict[str, Any]) -> None:
-        params = dict(run.model.named_parameters())
-        with torch.no_grad():
-            for n, t in saved["model"].items():
-                params[n].copy_(t)
-        run.optimizer.load_state_dict(saved["optimizer"])
-        run.scheduler.load_state_dict(saved["scheduler"])
+        self._windows.save(window_state(runs, step=step, done=done, stop_step=self.stop_step, sampler=sampler,
+                                        trajectory=self.trajectory, stop=self.parts.stop, tokens=self.tokens,
+                                        probe_status=self.probe_status))
 
     def _load(self, runs: list[ProbeRun], sampler: BlockSampler) -> tuple[int, bool]:
-        state = self._ckpts.load(self._plan) if self._ckpts is not None else None
+        state = self._windows.load(self._plan)
         if state is None:
             return 0, False
         for r in runs:
-            self._load_probe(r, state["probes"][r.probe.layer])
+            r.load_state_dict(state["probes"][r.layer])
         sampler.load_state_dict(state["sampler"])
         self.parts.stop.load_state_dict(state["stop"])
         set_rng_state(state["rng"])
@@ -451,7 +300,8 @@ class SelectionEngine:
         steps = max(1, math.ceil(self.cfg.probe_tokens / (B * T)))
         window = self.cfg.eval_every or max(1, steps // 20)
         self._plan = [p.layer for p in probes]
-        runs = [self._probe_run(p, steps) for i, p in enumerate(probes) if self.par.owns(i)]  # probe i on rank i mod N
+        builder = self._probe_builder()
+        runs = [builder.build(p, steps) for i, p in enumerate(probes) if self.par.owns(i)]  # probe i on rank i mod N
         groups = self._groups(runs)
         sampler = BlockSampler(self.data.train.shape[0], B, seed=self.seed)
         step, done = self._load(runs, sampler)
@@ -470,7 +320,7 @@ class SelectionEngine:
                 if not on_device:
                     for r in group:
                         r.to(self.device)
-                raw.update(self._guarded_scores(group, step + n, batches, hidden))
+                raw.update(self.guard.scores(group, step + n, batches, hidden))
                 if not on_device:
                     for r in group:
                         r.to(torch.device("cpu"))
@@ -493,7 +343,7 @@ class SelectionEngine:
 
     def _gather_window(self, raw: dict[int, float], eval_before: int, runs: list[ProbeRun]) -> dict[int, float]:
         """With several ranks: every rank's scores, probe status and held-out tokens of this window, on every rank."""
-        mine = {r.probe.layer for r in runs}
+        mine = {r.layer for r in runs}
         status = {l: rec for l, rec in self.probe_status.items() if l in mine}
         raw, status, evals = gather_window(self.par, raw, status, self.tokens["eval_forward"] - eval_before, self._plan)
         self.probe_status.update(status)

@@ -5,6 +5,11 @@ Checkpoints hold the trainable state, optimizer, scheduler, RNG states and the d
 and are written to a temporary name and renamed, so a kill at any moment leaves either the
 previous checkpoint or the new one, never half of one. Resuming from a checkpoint gives the
 same weights as an uninterrupted run (tests/unit/test_train.py proves it on CPU).
+
+:class:`Optimization` is the one optimizer of every training run in hybridize: AdamW with per-group
+lrs, the lr schedule, gradient clipping, the NaN guard and their checkpointable state. :class:`Loop`
+owns one for a whole stage; each selection probe owns one and is stepped window by window
+(:mod:`hybridize.selection.probes`); the quickstart teacher is trained with one.
 """
 from __future__ import annotations
 
@@ -86,13 +91,121 @@ def autocast_for(device: torch.device) -> Any:
 
 
 @attrs.define(slots=False)
+class Optimization:
+    """The one optimizer of a training run: AdamW, its lr schedule, clipping, the NaN guard and their state.
+
+    :class:`Loop` owns one for a whole stage; a selection probe owns one and is stepped window by
+    window, in lockstep with the other probes. One :meth:`step` is: clip the gradients, step AdamW,
+    step the schedule, drop the gradients.
+
+    Args:
+        param_groups: AdamW parameter groups; ``cfg.lr`` gives one lr per group (or one for all).
+        cfg: the settings (``steps``, ``lr``, ``betas``, ``weight_decay``, ``grad_clip``,
+            ``warmup_steps``, ``min_lr_ratio``; the batch fields are not used here).
+        device: fused AdamW on CUDA.
+        schedule: step -> lr factor (None: :func:`cosine_lambda` of ``cfg``).
+        clip_params: the tensors whose gradient norm is clipped (None: those of ``param_groups``).
+    """
+
+    param_groups: list[dict[str, Any]]
+    cfg: LoopConfig
+    device: torch.device
+    schedule: Callable[[int], float] | None = None
+    clip_params: list[torch.Tensor] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        groups = [dict(g, lr=lr) for g, lr in zip(self.param_groups, self.peak_lrs(len(self.param_groups)))]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay, fused=fused)
+        lam = self.schedule or cosine_lambda(self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+        if self.clip_params is None:
+            self.clip_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._finite: torch.Tensor | None = None
+
+    def peak_lrs(self, n: int) -> list[float]:
+        return list(self.cfg.lr) if isinstance(self.cfg.lr, list) else [self.cfg.lr] * n
+
+    @property
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- the NaN guard ----------------------------------------------------------------------------
+    def guard(self, loss: float, name: str, step: int) -> None:
+        """Raise :class:`NonFiniteLossError` (before the step) when ``loss`` of step ``step`` of ``name`` is NaN / inf."""
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"{name}: the training loss is {loss} at step {step} (lr {self.last_lr:.3g}); "
+                "the step was not applied. Lower the learning rate, then --resume continues from the last checkpoint"
+            )
+
+    def watch(self, loss: torch.Tensor) -> None:
+        """Note whether ``loss`` is finite without a host sync (read back by :meth:`take_finite`)."""
+        ok = torch.isfinite(loss.detach())
+        self._finite = ok if self._finite is None else self._finite & ok
+
+    def take_finite(self) -> bool:
+        """Whether every loss watched since the last call was finite (one host sync)."""
+        ok, self._finite = self._finite, None
+        return True if ok is None else bool(ok)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Clip, step AdamW and the schedule, drop the gradients."""
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load ``state["optimizer"]`` (when present: FSDP loads it elsewhere) and ``state["scheduler"]``."""
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def apply_configured_lrs(self) -> None:
+        """After loading a checkpoint: this run's peak lrs (``--resume`` may lower them) on the same schedule.
+
+        The optimizer and scheduler states carry the lrs of the run that wrote them; with an unchanged
+        config this recomputes exactly the same values (``base * lambda(step)``, as LambdaLR does).
+        """
+        lrs = self.peak_lrs(len(self.optimizer.param_groups))
+        self.scheduler.base_lrs = list(lrs)
+        for group, base, lam in zip(self.optimizer.param_groups, lrs, self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * lam(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def scale_lrs(self, scale: float) -> None:
+        """Multiply the current and peak lrs by ``scale`` (the schedule goes on from here)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] *= scale
+            if "initial_lr" in g:
+                g["initial_lr"] *= scale
+        self.scheduler.base_lrs = [lr * scale for lr in self.scheduler.base_lrs]
+
+    def to(self, device: torch.device) -> None:
+        """Move the optimizer state (not its step counters) to ``device``."""
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device)
+
+
+@attrs.define(slots=False)
 class Loop:
     """Runs ``cfg.steps`` optimizer steps of ``loss_fn`` over ``blocks``.
 
     Args:
         name: stage name, for progress bars, hooks and checkpoint files.
         model: the module whose ``state_dict`` is checkpointed (only trainable tensors are saved).
-        param_groups: AdamW parameter groups; ``cfg.lr`` gives one lr per group.
+        param_groups: AdamW parameter groups; ``cfg.lr`` gives one lr per group (``self.opt``, an
+            :class:`Optimization`, owns the optimizer, schedule, clipping and NaN guard).
         loss_fn: maps a (micro_batch, T) block of token ids to a scalar loss.
         blocks: (N, T) token ids on CPU.
         cfg: the loop settings.
@@ -124,17 +237,20 @@ class Loop:
     history: list[dict[str, Any]] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
-        lrs = self.cfg.lr if isinstance(self.cfg.lr, list) else [self.cfg.lr] * len(self.param_groups)
-        groups = [dict(g, lr=lr) for g, lr in zip(self.param_groups, lrs)]
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay, fused=fused)
-        lam = cosine_lambda(self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+        self.opt = Optimization(self.param_groups, self.cfg, self.device)
         self.sampler = BlockSampler(self.blocks.shape[0], self.cfg.batch_size, seed=self.cfg.seed)
         self._trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.par = self.dist or SINGLE
         self._micro = check_batch(self.cfg.batch_size, self.cfg.micro_batch_size, self.par)
         self._ddp = ddp_root(self.model, self.par) if self.par.active and self.root is None else None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.opt.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self.opt.scheduler
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -159,30 +275,17 @@ class Loop:
             )
         if self.root is not None:
             load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            self.opt.load_state_dict({"scheduler": state["scheduler"]})
         else:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
                 for n, t in state["model"].items():
                     params[n].copy_(t)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_configured_lrs()
+            self.opt.load_state_dict(state)
+        self.opt.apply_configured_lrs()
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
-
-    def _apply_configured_lrs(self) -> None:
-        """After loading a checkpoint: this run's peak lrs (``--resume`` may lower them) on the same schedule.
-
-        The optimizer and scheduler states carry the lrs of the run that wrote them; with an unchanged
-        config this recomputes exactly the same values (``base * lambda(step)``, as LambdaLR does).
-        """
-        lrs = self.cfg.lr if isinstance(self.cfg.lr, list) else [self.cfg.lr] * len(self.optimizer.param_groups)
-        self.scheduler.base_lrs = list(lrs)
-        for group, base, lam in zip(self.optimizer.param_groups, lrs, self.scheduler.lr_lambdas):
-            group["initial_lr"] = base
-            group["lr"] = base * lam(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save(self) -> None:
         """Checkpoint (rank 0 writes; the state is the same on every rank)."""
@@ -227,17 +330,8 @@ class Loop:
                 loss.backward()
             total += float(loss.detach())
         total = self.par.mean(total)
-        if not math.isfinite(total):
-            raise NonFiniteLossError(
-                f"{self.name}: the training loss is {total} at step {self.step + 1} (lr {self.scheduler.get_last_lr()[0]:.3g}); "
-                "the step was not applied. Lower the learning rate, then --resume continues from the last checkpoint"
-            )
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.opt.guard(total, self.name, self.step + 1)
+        self.opt.step()
         self.step += 1
         self.tokens += len(idx) * self.blocks.shape[1]
         return total
@@ -260,7 +354,7 @@ class Loop:
         t0, tok0 = time.perf_counter(), self.tokens
         while self.step < self.cfg.steps:
             loss = self._one_step()
-            metrics = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], **self._maybe_eval()}
+            metrics = {"loss": loss, "lr": self.opt.last_lr, **self._maybe_eval()}
             rate = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
