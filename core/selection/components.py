@@ -1,7 +1,7 @@
 """The selector, scorer and stop criterion of one selection, built from the registry and checked against each other."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
@@ -9,8 +9,43 @@ from hybridize.errors import ConfigError
 from hybridize.registry.configs import ComponentRef
 from hybridize.selection.contract import ChoiceConfig, build_selector_configs
 
-if TYPE_CHECKING:
-    from hybridize.selection.engine import SelectionConfig
+
+ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
+
+
+@attrs.frozen(kw_only=True)
+class SelectionConfig:
+    """How layers are selected.
+
+    Args:
+        selector: the selector and its params, e.g. ``{name: kl-greedy-add}``. Every selector also takes
+            the distance options of :class:`~hybridize.selection.contract.ChoiceConfig` (``min_gap``,
+            ``gap_penalty``, ``gap_radius``), e.g. ``{name: kl-greedy-add, min_gap: 2}``.
+        scorer: the scorer (None = the selector's default: kl for probes, mse for stage 1).
+        linear_attention: the linear-attention variant of the probes and of the shared stage 1 that
+            scores layers, e.g. ``{name: gdn}`` (None = the run's ``linear_attention``, the final
+            hybrid's variant). When it differs from the final variant, the final hybrid runs its own
+            stage 1 instead of reusing the selection's.
+        stop: the stop criterion, e.g. ``{name: rolling-jaccard, windows: 10, threshold: 0.9}``.
+        probe_tokens: stage-2 tokens per probe (upper bound; the stop criterion may end earlier).
+        eval_every: probe steps per evaluation window (0 = about 20 windows).
+        probe_lr_attn / probe_lr_other: probe learning rates (0 = distill.stage2_lr_attn / _other).
+        probe_group_size: probes trained together on the device (0 = all at once).
+        nan_retry_lr_scale: a probe whose loss or score turns NaN / inf is retried once from its last
+            checkpoint with its learning rates times this factor; if it diverges again it is marked
+            failed and left out of the ranking.
+    """
+
+    selector: ComponentRef = attrs.field(default=ComponentRef(name="kl-greedy-add"), converter=lambda v: ComponentRef.parse(v, where="selection field 'selector'"))
+    scorer: ComponentRef | None = attrs.field(default=None, converter=lambda v: None if v is None else ComponentRef.parse(v, where="selection field 'scorer'"))
+    stop: ComponentRef = attrs.field(default=ComponentRef(name="rolling-jaccard"), converter=lambda v: ComponentRef.parse(v, where="selection field 'stop'"))
+    linear_attention: ComponentRef | None = attrs.field(default=None, converter=lambda v: None if v is None else ComponentRef.parse(v, where="selection field 'linear_attention'"))
+    probe_tokens: int = attrs.field(default=200_000, validator=gt0)
+    eval_every: int = attrs.field(default=0, validator=ge0)
+    probe_lr_attn: float = attrs.field(default=0.0, validator=ge0)
+    probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
+    probe_group_size: int = attrs.field(default=0, validator=ge0)
+    nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
 
 
 @attrs.define
