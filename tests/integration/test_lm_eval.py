@@ -20,6 +20,8 @@ from hybridize.plugins.evals.network import network
 from hybridize.model.surgery import build_student
 from hybridize.testing.models import save_tiny_teacher, tiny_model, tiny_tokenizer
 
+from conftest import shared_path  # tests/conftest.py: $HYBRIDIZE_SHARED or ../shared, skips when absent
+
 pytest.importorskip("lm_eval")
 
 
@@ -166,9 +168,7 @@ def test_distill_runs_config_evaluators(tmp_path, corpus, swde_file):
 
 
 def test_essay_haystack_from_local_essays(pm, hybrid, shared_dir):
-    essays = shared_dir / "data" / "pg_essays"
-    if not essays.is_dir():
-        pytest.skip("../shared/data/pg_essays is absent")
+    essays = shared_path("data", "pg_essays")
     ref = ComponentRef(name="lm-eval", params={"tasks": ["niah_single_2"], "max_seq_lengths": [1024], "limit": 1,
                                                "essays_dir": str(essays)})
     out = run_evaluators([ref], EvalTarget(model=hybrid, tokenizer=tiny_tokenizer(), progress=False), pm)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,23 +10,18 @@ from hybridize.registry.manager import get_plugin_manager
 from hybridize.model.surgery import build_student, linear_layers
 from hybridize.model.teacher import Teacher, load_teacher
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-TEACHER_DIR = SHARED / "teachers" / "stories260K"
-TEXT = SHARED / "data" / "tinystories_val.txt"
+from conftest import shared_path  # tests/conftest.py: $HYBRIDIZE_SHARED or ../shared, skips when absent
 
 
 @pytest.fixture(scope="module")
 def teacher() -> Teacher:
-    if not (TEACHER_DIR / "config.json").is_file():
-        pytest.skip(f"the stories260K teacher is not at {TEACHER_DIR.resolve()}")
-    return load_teacher(TEACHER_DIR)
+    return load_teacher(shared_path("teachers", "stories260K", "config.json").parent)
 
 
 @pytest.fixture(scope="module")
 def batch(teacher) -> torch.Tensor:
     """Two rows of 64 real tokens from the TinyStories validation text."""
-    if not TEXT.is_file():
-        pytest.skip(f"the TinyStories text is not at {TEXT.resolve()}")
+    TEXT = shared_path("data", "tinystories_val.txt")
     ids = teacher.tokenizer(TEXT.read_text(encoding="utf-8")[:1_000], return_tensors="pt").input_ids[0]
     return ids[: 2 * 64].reshape(2, 64)
 

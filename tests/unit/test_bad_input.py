@@ -18,9 +18,8 @@ from hybridize.distill.stages import DistillConfig
 from hybridize.registry.manager import get_plugin_manager
 from hybridize.testing.models import save_tiny_teacher, tiny_tokenizer
 
+from conftest import base  # tests/conftest.py: the tiny config on its fixture `files`
 from test_plugins import fake_distribution  # tests/unit is on sys.path (pytest's rootdir-relative imports)
-
-TEXT = "\n\n".join(f"record {i}: key {chr(97 + i % 26)} has value {i % 10}." for i in range(40))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,19 +28,6 @@ def one_thread():
     torch.set_num_threads(1)  # tiny models: fastest on one thread, also on a busy machine
     yield
     torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    (root / "corpus.txt").write_text(TEXT)
-    save_tiny_teacher(root / "teacher", n_layer=4)
-    return root
-
-
-def base(files):
-    return {"teacher": str(files / "teacher"), "data": {"train": str(files / "corpus.txt"), "seq_len": 16}, "softmax_layers": 1,
-            "device": "cpu", "selection": {"selector": "uniform"}, "distill": {"stage1_tokens": 64, "stage2_tokens": 64, "batch_size": 2}}
 
 
 def site(tmp_path):

@@ -14,7 +14,8 @@ import yaml
 from hybridize.cli import main
 from hybridize.recipes.rundir import MARKER
 
-from test_bad_input import base, files, one_thread  # noqa: F401 - fixtures (tests/unit is on sys.path)
+from conftest import base  # tests/conftest.py: the tiny config on its fixture `files`
+from test_bad_input import one_thread  # noqa: F401 - fixture (tests/unit is on sys.path)
 
 USER_FILES = {"data.txt": "my data", "notes.md": "# notes", "cfg.yaml": "a: 1"}
 

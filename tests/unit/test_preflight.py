@@ -17,20 +17,7 @@ from safetensors.torch import load_file, save_file
 from hybridize.cli import main
 from hybridize.testing.models import save_tiny_teacher
 
-TEXT = "\n\n".join(f"record {i}: key {chr(97 + i % 26)} has value {i % 10}." for i in range(40))
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pre")
-    (root / "corpus.txt").write_text(TEXT)
-    save_tiny_teacher(root / "teacher", n_layer=4)
-    return root
-
-
-def base(files):
-    return {"teacher": str(files / "teacher"), "data": {"train": str(files / "corpus.txt"), "seq_len": 16}, "softmax_layers": 1,
-            "device": "cpu", "selection": {"selector": "uniform"}, "distill": {"stage1_tokens": 64, "stage2_tokens": 64, "batch_size": 2}}
+from conftest import TINY_TEXT as TEXT, base  # tests/conftest.py: the tiny corpus and config (fixture `files`)
 
 
 def teacher_copy(tmp_path, name="t", **kwargs):

@@ -20,7 +20,7 @@ from hybridize import faults
 from hybridize.cli import main
 from hybridize.testing.models import save_tiny_teacher
 
-from test_bad_input import files, one_thread  # noqa: F401 - fixtures (tests/unit is on sys.path)
+from test_bad_input import one_thread  # noqa: F401 - fixture (tests/unit is on sys.path); `files` is tests/conftest.py's
 
 RESUME_FIX = ("resume with the same config and --set values, or use --overwrite / another --out")
 ALLOWED = "only learning rates, evaluators, distill.eval_every / eval_blocks and raised stage budgets can"
