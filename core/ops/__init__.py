@@ -8,7 +8,9 @@ Variant plugins build on these modules (import the names from them; this package
 - :mod:`hybridize.ops.gla`: ``gla``, ``chunk_gla_torch``, ``naive_recurrent_gla``, likewise;
 - :mod:`hybridize.ops.common`: ``Backend``, ``BACKENDS``, ``resolve_backend``, ``fla_available``,
   ``compute_dtype``, ``check_shape``, ``check_choice``, ``l2norm``, ``rms_norm``, ``gated_rms_norm``,
-  ``RMSNorm``, ``GatedRMSNorm``, ``ShortConvolution``.
+  ``RMSNorm``, ``GatedRMSNorm``, ``ShortConvolution``;
+- :mod:`hybridize.ops.projections`: ``copy_teacher_projections``, ``project_qkv``, ``output_projection``
+  (teacher weights in, q/k/v with short convolutions, gated output norm; shared by GDN and GLA).
 
 Layout (fla's): q, k (B, T, H, K); v (B, T, H, V); state (B, H, K, V). Each op returns ``(o, state)``:
 ``o`` (B, T, H, V) in the input dtype, the final state in fp32 (float64 stays float64) or None. Each

@@ -18,7 +18,7 @@ from hybridize import hookimpl
 from hybridize.linear import AttentionSpec, Backend, LinearAttention, Mode, TeacherAttentionWeights
 from hybridize.ops.common import BACKENDS, GatedRMSNorm, RMSNorm, ShortConvolution, compute_dtype
 from hybridize.ops.gla import gla, naive_recurrent_gla
-from hybridize.plugins.linear_attn.gdn import copy_teacher_projections, output_projection, project_qkv
+from hybridize.ops.projections import copy_teacher_projections, output_projection, project_qkv
 
 _v = attrs.validators
 

@@ -23,7 +23,8 @@ from hybridize.linear import LinearAttention
 from hybridize.ops.common import RMSNorm, ShortConvolution, fla_available, gated_rms_norm, l2norm, resolve_backend
 from hybridize.ops.delta_rule import chunk_gated_delta_rule_torch, gated_delta_rule, naive_recurrent_gated_delta_rule
 from hybridize.ops.gla import chunk_gla_torch, gla, naive_recurrent_gla
-from hybridize.plugins.linear_attn.gdn import GatedDeltaNet, GDNConfig, copy_teacher_projections
+from hybridize.ops.projections import copy_teacher_projections
+from hybridize.plugins.linear_attn.gdn import GatedDeltaNet, GDNConfig
 from hybridize.plugins.linear_attn.gla import GatedLinearAttention, GLAConfig
 from hybridize.registry.manager import get_plugin_manager
 from hybridize.testing import conformance as cf

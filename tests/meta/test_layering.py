@@ -270,3 +270,23 @@ def test_imports_are_resolved_to_modules(tmp_path):
     assert found == {("hybridize.faults", None), ("hybridize", "hookimpl"), ("hybridize.training.parallel", None),
                      ("hybridize.model.cache", None), ("hybridize.model.teacher", None)}
     assert layer_of("hybridize.ops.gla") == "contracts" and layer_of("hybridize.selection.fanout") == "selection"
+
+
+def _entry_point_modules() -> set[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return set(project["entry-points"]["hybridize"].values())
+
+
+def test_no_plugin_imports_another_plugin():
+    """Each entry point is a plugin a user may block; another plugin importing it would break with it.
+
+    Helpers that several plugins share belong to the package's ``__init__`` or to :mod:`hybridize.ops`.
+    """
+    plugins = _entry_point_modules()
+    assert "hybridize.plugins.linear_attn.gdn" in plugins and "hybridize.plugins.linear_attn.gla" in plugins
+    bad = [f"{path.relative_to(ROOT).as_posix()}:{line} imports the plugin {module}"
+           for name, path in MODULES.items() if name.startswith("hybridize.plugins.")
+           for module, line, _ in _imports(name, path) if module in plugins and module != name]
+    assert not bad, "\n".join(bad)
