@@ -76,15 +76,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 2 if pm.broken and not args.skip_broken_plugins else 0
 
 
+def _command_pm(args: argparse.Namespace) -> Any:
+    """The one plugin manager of a command (entry points loaded once): config validation, preflight, selection,
+    surgery and evaluation all use it."""
+    from hybridize.registry.manager import get_plugin_manager
+
+    return get_plugin_manager(skip_broken=args.skip_broken_plugins)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a hybrid with explicit softmax layers: stage 1 -> 2 (-> 3), save OUT/model and OUT/result.json."""
     from hybridize.recipes.run import distill
     from hybridize.recipes.runconfig import load_run_config
 
-    cfg = load_run_config(args.config, args.set)
+    pm = _command_pm(args)
+    cfg = load_run_config(args.config, args.set, pm=pm)
     if args.nproc is not None and args.nproc != 1:
         return _relaunch(args, cfg)
-    result = distill(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    result = distill(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=pm)
     if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return 0
     m = result["metrics"]
@@ -102,10 +111,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hybridize.recipes.run import run
     from hybridize.recipes.runconfig import load_run_config
 
-    cfg = load_run_config(args.config, args.set)
+    pm = _command_pm(args)
+    cfg = load_run_config(args.config, args.set, pm=pm)
     if args.nproc is not None and args.nproc != 1:
         return _relaunch(args, cfg)
-    result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=pm)
     if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return 0
     t, m = result["tokens"], result["metrics"]
@@ -130,8 +140,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Several selectors head to head at several budgets and seeds; OUT/compare.json, compare.md and plots."""
     from hybridize.recipes.compare import compare, load_compare_config
 
-    base, ccfg = load_compare_config(args.config, args.set)
-    result = compare(base, ccfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    pm = _command_pm(args)
+    base, ccfg = load_compare_config(args.config, args.set, pm=pm)
+    result = compare(base, ccfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=pm)
     spent, alone = result["tokens"]["spent"], result["tokens"]["standalone_sum"]
     print("\n" + (Path(args.out) / "compare.md").read_text())
     print(f"tokens: selection {spent['selection']:,} spent vs {alone['selection']:,} for the rows run one by one; "
@@ -200,7 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = device_problem(args.device, field="--device", fix="pass --device {suggest} or auto")
     if problems or device:
         raise ConfigError(problems + ([device] if device else []))
-    target = load_for_eval(args.dir, device=str(resolve_device(args.device)))
+    target = load_for_eval(args.dir, device=str(resolve_device(args.device)), pm=pm)
     target.progress = not args.quiet
     result = run_evaluators(refs, target, pm)
     result = {"model": str(args.dir), "label": target.label, **result}
