@@ -10,66 +10,22 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from hybridize.errors import HybridizeError, RemoteError
-from hybridize.registry.entries import KINDS
-
-
-def _config_fields(config_cls: type) -> dict[str, Any]:
-    out = {}
-    for f in attrs.fields(config_cls):
-        default = f.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()
-        out[f.name] = None if default is attrs.NOTHING else default
-    return out
-
-
-def _plugins_payload(pm: Any) -> dict[str, Any]:
-    components = {}
-    for kind in KINDS:
-        rows = []
-        for name, entry in sorted(pm.registry(kind).items()):
-            row = entry.to_json()
-            row["params"] = _config_fields(entry.config_cls)
-            rows.append(row)
-        components[kind] = rows
-    from hybridize.selection.contract import ChoiceConfig
-
-    return {"plugins": pm.plugin_info(), "components": components, "selector_distance_params": _config_fields(ChoiceConfig)}
-
-
-def _print_plugins(payload: dict[str, Any]) -> None:
-    print("Plugins:")
-    for p in payload["plugins"]:
-        dist = f"{p['distribution']} {p['version']}" if p["distribution"] else "(not from a distribution)"
-        print(f"  {p['name']:<24} {dist:<28} hooks: {', '.join(p['hooks']) or '-'}")
-    for kind, rows in payload["components"].items():
-        print(f"\n{kind} ({len(rows)}):")
-        for r in rows:
-            dist = f"{r['distribution']} {r['version']}" if r["distribution"] else "-"
-            params = ", ".join(f"{k}={v!r}" for k, v in r["params"].items())
-            print(f"  {r['name']:<20} {r['module']:<40} {dist}")
-            if params:
-                print(f"  {'':<20} params: {params}")
-        if kind == "selector" and payload.get("selector_distance_params"):
-            extra = ", ".join(f"{k}={v!r}" for k, v in payload["selector_distance_params"].items())
-            print(f"  every selector also takes the distance options {extra}")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """List plugins, their versions and hooks, and every registered component by kind."""
+    from hybridize.recipes.plugin_list import plugins_payload, print_plugins
     from hybridize.registry.manager import get_plugin_manager
 
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins, collect_broken=True)
-    payload = _plugins_payload(pm)  # builds every registry: a hook that raises is recorded in pm.broken too
+    payload = plugins_payload(pm)  # builds every registry: a hook that raises is recorded in pm.broken too
     payload["broken_plugins"] = [str(e) for e in pm.broken]
     if args.json:
         json.dump(payload, sys.stdout, indent=2, default=str)
         print()
     else:
-        _print_plugins(payload)
+        print_plugins(payload)
     level = "warning" if args.skip_broken_plugins else "error"
     for err in pm.broken:  # the others are listed above: one broken plugin does not hide them
         print(f"hybridize: {level}: {err}", file=sys.stderr)
