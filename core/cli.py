@@ -113,7 +113,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     result = quickstart(args.out, cache_dir=args.cache_dir, seeds=seeds, ratio=args.ratio, overrides=args.set,
-                        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+                        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=_command_pm(args))
     qs = result["quickstart"]
     info = qs["teacher_info"]
     spec = info["spec"]
@@ -158,11 +158,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hybridize.recipes.outputs import write_json, write_json_text
     from hybridize.recipes.run import resolve_device
     from hybridize.recipes.rundir import check_eval_out, prepare_eval_out
-    from hybridize.registry.manager import get_plugin_manager
 
     if args.out is not None:
         check_eval_out(args.out)  # before any work, read-only: a bad --out fails at once and nothing is created
-    pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
+    pm = _command_pm(args)
     refs, problems = parse_evaluators([{"name": r.name, **r.params} for r in _eval_refs(args)], pm, where="hybridize eval")
     device = device_problem(args.device, field="--device", fix="pass --device {suggest} or auto")
     if problems or device:

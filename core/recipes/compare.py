@@ -27,7 +27,9 @@ Outputs: ``OUT/compare.json`` (every row, the aggregated table, token totals), `
 (selector x budget -> selected layers, selection tokens, held-out KL, perplexity, every evaluator
 metric as mean +- std over seeds), ``OUT/compare_metrics.png`` (each metric against the softmax
 budget, one line per selector) and ``OUT/compare_layers.png`` (selector x layer heat map: how
-often each layer was selected). A killed compare resumes with ``--resume``: finished rows are kept
+often each layer was selected); ``OUT/metrics.jsonl`` (every step and selection window as it happens,
+tagged with its seed and selector or final variant, as ``run`` writes it). The observer hooks fire as in
+``run``: run start / end once, step end per step and probe, selection done per selection. A killed compare resumes with ``--resume``: finished rows are kept
 in ``OUT/checkpoints/rows.json`` and a selection in progress resumes from its probe checkpoint.
 """
 from __future__ import annotations
