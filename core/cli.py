@@ -10,70 +10,34 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from hybridize.errors import HybridizeError, RemoteError
-from hybridize.registry.entries import KINDS
-
-
-def _config_fields(config_cls: type) -> dict[str, Any]:
-    out = {}
-    for f in attrs.fields(config_cls):
-        default = f.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()
-        out[f.name] = None if default is attrs.NOTHING else default
-    return out
-
-
-def _plugins_payload(pm: Any) -> dict[str, Any]:
-    components = {}
-    for kind in KINDS:
-        rows = []
-        for name, entry in sorted(pm.registry(kind).items()):
-            row = entry.to_json()
-            row["params"] = _config_fields(entry.config_cls)
-            rows.append(row)
-        components[kind] = rows
-    from hybridize.selection.contract import ChoiceConfig
-
-    return {"plugins": pm.plugin_info(), "components": components, "selector_distance_params": _config_fields(ChoiceConfig)}
-
-
-def _print_plugins(payload: dict[str, Any]) -> None:
-    print("Plugins:")
-    for p in payload["plugins"]:
-        dist = f"{p['distribution']} {p['version']}" if p["distribution"] else "(not from a distribution)"
-        print(f"  {p['name']:<24} {dist:<28} hooks: {', '.join(p['hooks']) or '-'}")
-    for kind, rows in payload["components"].items():
-        print(f"\n{kind} ({len(rows)}):")
-        for r in rows:
-            dist = f"{r['distribution']} {r['version']}" if r["distribution"] else "-"
-            params = ", ".join(f"{k}={v!r}" for k, v in r["params"].items())
-            print(f"  {r['name']:<20} {r['module']:<40} {dist}")
-            if params:
-                print(f"  {'':<20} params: {params}")
-        if kind == "selector" and payload.get("selector_distance_params"):
-            extra = ", ".join(f"{k}={v!r}" for k, v in payload["selector_distance_params"].items())
-            print(f"  every selector also takes the distance options {extra}")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """List plugins, their versions and hooks, and every registered component by kind."""
+    from hybridize.recipes.plugin_list import plugins_payload, print_plugins
     from hybridize.registry.manager import get_plugin_manager
 
     pm = get_plugin_manager(skip_broken=args.skip_broken_plugins, collect_broken=True)
-    payload = _plugins_payload(pm)  # builds every registry: a hook that raises is recorded in pm.broken too
+    payload = plugins_payload(pm)  # builds every registry: a hook that raises is recorded in pm.broken too
     payload["broken_plugins"] = [str(e) for e in pm.broken]
     if args.json:
         json.dump(payload, sys.stdout, indent=2, default=str)
         print()
     else:
-        _print_plugins(payload)
+        print_plugins(payload)
     level = "warning" if args.skip_broken_plugins else "error"
     for err in pm.broken:  # the others are listed above: one broken plugin does not hide them
         print(f"hybridize: {level}: {err}", file=sys.stderr)
     return 2 if pm.broken and not args.skip_broken_plugins else 0
+
+
+def _command_pm(args: argparse.Namespace) -> Any:
+    """The one plugin manager of a command (entry points loaded once): config validation, preflight, selection,
+    surgery and evaluation all use it."""
+    from hybridize.registry.manager import get_plugin_manager
+
+    return get_plugin_manager(skip_broken=args.skip_broken_plugins)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -81,10 +45,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from hybridize.recipes.run import distill
     from hybridize.recipes.runconfig import load_run_config
 
-    cfg = load_run_config(args.config, args.set)
+    pm = _command_pm(args)
+    cfg = load_run_config(args.config, args.set, pm=pm)
     if args.nproc is not None and args.nproc != 1:
         return _relaunch(args, cfg)
-    result = distill(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    result = distill(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=pm)
     if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return 0
     m = result["metrics"]
@@ -102,10 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hybridize.recipes.run import run
     from hybridize.recipes.runconfig import load_run_config
 
-    cfg = load_run_config(args.config, args.set)
+    pm = _command_pm(args)
+    cfg = load_run_config(args.config, args.set, pm=pm)
     if args.nproc is not None and args.nproc != 1:
         return _relaunch(args, cfg)
-    result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=pm)
     if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return 0
     t, m = result["tokens"], result["metrics"]
@@ -130,8 +96,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Several selectors head to head at several budgets and seeds; OUT/compare.json, compare.md and plots."""
     from hybridize.recipes.compare import compare, load_compare_config
 
-    base, ccfg = load_compare_config(args.config, args.set)
-    result = compare(base, ccfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    pm = _command_pm(args)
+    base, ccfg = load_compare_config(args.config, args.set, pm=pm)
+    result = compare(base, ccfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=pm)
     spent, alone = result["tokens"]["spent"], result["tokens"]["standalone_sum"]
     print("\n" + (Path(args.out) / "compare.md").read_text())
     print(f"tokens: selection {spent['selection']:,} spent vs {alone['selection']:,} for the rows run one by one; "
@@ -146,7 +113,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     result = quickstart(args.out, cache_dir=args.cache_dir, seeds=seeds, ratio=args.ratio, overrides=args.set,
-                        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+                        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=_command_pm(args))
     qs = result["quickstart"]
     info = qs["teacher_info"]
     spec = info["spec"]
@@ -192,16 +159,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hybridize.atomic_io import write_json, write_json_text
     from hybridize.training.devices import resolve_device
     from hybridize.recipes.rundir import check_eval_out, prepare_eval_out
-    from hybridize.registry.manager import get_plugin_manager
 
     if args.out is not None:
         check_eval_out(args.out)  # before any work, read-only: a bad --out fails at once and nothing is created
-    pm = get_plugin_manager(skip_broken=args.skip_broken_plugins)
+    pm = _command_pm(args)
     refs, problems = parse_evaluators([{"name": r.name, **r.params} for r in _eval_refs(args)], pm, where="hybridize eval")
     device = device_problem(args.device, field="--device", fix="pass --device {suggest} or auto")
     if problems or device:
         raise ConfigError(problems + ([device] if device else []))
-    target = load_for_eval(args.dir, device=str(resolve_device(args.device)))
+    target = load_for_eval(args.dir, device=str(resolve_device(args.device)), pm=pm)
     target.progress = not args.quiet
     result = run_evaluators(refs, target, pm)
     result = {"model": str(args.dir), "label": target.label, **result}

@@ -29,6 +29,8 @@ PREFIX = "hybridize_"
 _FIX = "save it again with hybridize.save_hybrid (or rerun the run with --resume)"
 #: the directory load_hybrid has just verified (its from_pretrained call does not hash it again)
 _verified: contextvars.ContextVar[str | None] = contextvars.ContextVar("hybridize_verified", default=None)
+#: the plugin manager :func:`load_hybrid` was given, for the variant modules built while transformers loads the hybrid
+_load_pm: contextvars.ContextVar[Any] = contextvars.ContextVar("hybridize_load_pm", default=None)
 
 
 class HybridMixin:
@@ -94,7 +96,7 @@ def _rebuild_backbone(backbone: nn.Module, config: Any, layout: Any) -> None:
         return
     name = section.get("variant")
     try:
-        entry = get_plugin_manager().registry("linear_attention")[name]
+        entry = (_load_pm.get() or get_plugin_manager()).registry("linear_attention")[name]
     except KeyError as exc:
         plugin = section.get("plugin") or {}
         raise HybridizeError(
@@ -201,8 +203,11 @@ def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
     return path
 
 
-def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                pm: Any = None) -> PreTrainedModel:
     """Load a saved hybrid (the same as ``AutoModelForCausalLM.from_pretrained`` after ``import hybridize``).
+
+    ``pm``: the plugin manager whose ``linear_attention`` registry builds the variant modules (default: a new one).
 
     A local directory is first checked against the manifest :func:`save_hybrid` wrote; weights are
     read only from safetensors files.
@@ -224,11 +229,12 @@ def load_hybrid(path: str | Path, *, device: str | torch.device | None = None, d
         raise HybridizeError(f"{str(path)!r} is a {config.model_type!r} checkpoint, not a hybrid saved by hybridize")
     if local and not listed:
         verify_manifest(path, fix=_FIX)  # raises: no manifest
-    token = _verified.set(str(Path(path).resolve()) if local else None)
+    token, pm_token = _verified.set(str(Path(path).resolve()) if local else None), _load_pm.set(pm)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
     finally:
         _verified.reset(token)
+        _load_pm.reset(pm_token)
     install_padding_hook(model)
     return model.to(device) if device is not None else model
 

@@ -27,14 +27,14 @@ Outputs: ``OUT/compare.json`` (every row, the aggregated table, token totals), `
 (selector x budget -> selected layers, selection tokens, held-out KL, perplexity, every evaluator
 metric as mean +- std over seeds), ``OUT/compare_metrics.png`` (each metric against the softmax
 budget, one line per selector) and ``OUT/compare_layers.png`` (selector x layer heat map: how
-often each layer was selected). A killed compare resumes with ``--resume``: finished rows are kept
+often each layer was selected); ``OUT/metrics.jsonl`` (every step and selection window as it happens,
+tagged with its seed and selector or final variant, as ``run`` writes it). The observer hooks fire as in
+``run``: run start / end once, step end per step and probe, selection done per selection. A killed compare resumes with ``--resume``: finished rows are kept
 in ``OUT/checkpoints/rows.json`` and a selection in progress resumes from its probe checkpoint.
 """
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,11 +43,14 @@ from typing import Any
 import attrs
 import torch
 
-from hybridize.recipes.compare_report import label, overlaps, rank_correlations, report_markdown, series
+from hybridize.recipes.compare_report import (aggregate, label, markdown_table, overlaps, plot_layers, plot_metrics,  # noqa: F401
+                                              rank_correlations, report_markdown)
 from hybridize.registry.configs import ComponentRef
 from hybridize.errors import ConfigError
 from hybridize.recipes.outputs import write_json
 from hybridize.recipes.runconfig import RunConfig
+from hybridize.recipes.steps import (evaluate_hybrid, final_hybrid, final_tokens, observe_steps, row_tokens, select,
+                                     shared_stage1, stage1_cost)
 
 DEFAULT_SELECTORS = ("kl-greedy-add", "kl-greedy-remove", "mse-greedy-add", "uniform", "random")
 
@@ -175,194 +178,6 @@ def _check_components(ccfg: CompareConfig, pm: Any) -> list[str]:
     return problems
 
 
-def _stage1_pass(teacher: Any, data: Any, cfg: RunConfig, variant: ComponentRef, *, pm: Any, device: torch.device,
-                 ckpt_dir: Path, progress: bool) -> tuple[dict[int, Any], dict[str, int]]:
-    """The shared stage 1 of one variant (as a selection engine runs it): all-linear student, all layers at once."""
-    from hybridize.distill.stages import Distiller, linear_modules
-    from hybridize.model.surgery import build_student
-
-    torch.manual_seed(cfg.seed)
-    student = build_student(teacher, [], variant.name, variant.params, pm=pm).to(device)
-    distiller = Distiller(teacher=teacher, data=data, cfg=cfg.distill, device=device, ckpt_dir=ckpt_dir, seed=cfg.seed, progress=progress)
-    distiller.stage1(student)
-    modules = {i: m.requires_grad_(False) for i, m in linear_modules(student).items()}
-    return modules, {"stage1": distiller.tokens["stage1"], "teacher_forward": distiller.tokens["teacher_forward"]}
-
-
-def _final_hybrid(teacher: Any, data: Any, cfg: RunConfig, layers: list[int], stage1: dict[int, Any], *, pm: Any,
-                  device: torch.device, ckpt_dir: Path, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """Surgery at ``layers``, linear layers from the shared stage 1, then stage 2 (and 3)."""
-    from hybridize.distill.stages import Distiller, linear_modules
-    from hybridize.model.surgery import build_student
-
-    torch.manual_seed(cfg.seed)
-    student = build_student(teacher, layers, cfg.linear_attention.name, cfg.linear_attention.params, pm=pm)
-    final_cfg = cfg.distill
-    if stage1:
-        for i, module in linear_modules(student).items():
-            module.load_state_dict(stage1[i].state_dict())
-        final_cfg = attrs.evolve(cfg.distill, stage1_tokens=0)
-    distiller = Distiller(teacher=teacher, data=data, cfg=final_cfg, device=device, ckpt_dir=ckpt_dir, seed=cfg.seed, progress=progress)
-    return student, distiller.run(student)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (selector, probe variant, final variant, budget): selections per seed, each metric's mean and std over seeds."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["selector"], r.get("probe_variant"), r.get("final_variant"), r["budget"]), []).append(r)
-    names = series(rows)
-    out = []
-    for (selector, probe, final, budget), rs in groups.items():
-        metric_names = list(dict.fromkeys(m for r in rs for m in r["metrics"]))
-        out.append({
-            "selector": selector, "probe_variant": probe, "final_variant": final, "series": names[id(rs[0])],
-            "budget": budget, "k": rs[0]["k"], "seeds": [r["seed"] for r in rs],
-            "selections": [r["softmax_layers"] for r in rs],
-            "selection_tokens": _mean_std([r["tokens"]["selection_cost"] for r in rs]),
-            "selection_compute": _mean_std([r["tokens"].get("compute") for r in rs]),
-            "metrics": {m: _mean_std([r["metrics"].get(m) for r in rs]) for m in metric_names},
-        })
-    return out
-
-
-def _fmt(mean: float, std: float, n: int) -> str:
-    if math.isnan(mean):
-        return "-"
-    digits = 4 if abs(mean) < 10 else 2
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
-
-
-def markdown_table(table: list[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (metrics as mean ± std over seeds).
-
-    Selection tokens: teacher-forward + stage-1 tokens (``selection_cost``); all passes: every token
-    of every forward pass of the selection, teacher or student (``compute``).
-    """
-    metric_names = list(dict.fromkeys(m for t in table for m in t["metrics"]))
-    variants = len({(t.get("probe_variant"), t.get("final_variant")) for t in table}) > 1 or any(
-        t.get("probe_variant") != t.get("final_variant") for t in table)
-    compute = any(not math.isnan(t.get("selection_compute", (float("nan"),))[0]) for t in table)
-    head = ["selector"] + (["probes -> hybrid"] if variants else []) + ["K", "selected layers (per seed)", "selection tokens"]
-    head += (["all passes"] if compute else []) + metric_names
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in table:
-        n = len(t["seeds"])
-        sels = "; ".join(",".join(map(str, s)) for s in t["selections"])
-        cells = [t["selector"]] + ([f"{t.get('probe_variant')} -> {t.get('final_variant')}"] if variants else [])
-        cells += [str(t["k"]), sels, f"{t['selection_tokens'][0]:,.0f}"]
-        if compute:
-            c = t.get("selection_compute", (float("nan"),))[0]
-            cells.append("-" if math.isnan(c) else f"{c:,.0f}")
-        cells += [_fmt(*t["metrics"].get(m, (float("nan"), 0.0)), n) for m in metric_names]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-#: metrics that describe the teacher, not the hybrid: drawn as a reference line, not as a series
-_REFERENCE = {"student_ppl": "teacher_ppl"}
-_LOWER_IS_BETTER = ("heldout_kl", "student_ppl", "kl", "ppl", "loss")
-
-
-def _plotted_metrics(table: list[dict[str, Any]]) -> list[str]:
-    names = list(dict.fromkeys(m for t in table for m in t["metrics"]))
-    return [m for m in names if m not in _REFERENCE.values()]
-
-
-def plot_metrics(table: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Each hybrid metric per selector (mean, error bar = std over seeds).
-
-    Several budgets: the metric against K, one line per selector. One budget: one bar per selector.
-    The teacher's perplexity is a dashed reference line on the hybrid's.
-    """
-    from hybridize.recipes.outputs import _plt, _save_figure
-
-    metric_names = _plotted_metrics(table)
-    if not metric_names:
-        return None
-    plt = _plt()
-    cols = min(3, len(metric_names))
-    rows_n = math.ceil(len(metric_names) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
-    selectors = list(dict.fromkeys(t["series"] for t in table))
-    colors = {s: f"C{i}" for i, s in enumerate(selectors)}
-    ks = sorted({t["k"] for t in table})
-    for ax, metric in zip(axes.flat, metric_names):
-        if len(ks) == 1:
-            means = [next((t["metrics"].get(metric, (float("nan"), 0.0)) for t in table if t["series"] == s), (float("nan"), 0.0)) for s in selectors]
-            ax.bar(range(len(selectors)), [m for m, _ in means], yerr=[sd for _, sd in means], capsize=4,
-                   color=[colors[s] for s in selectors])
-            ax.set_xticks(range(len(selectors)), selectors, rotation=20, ha="right", fontsize=8)
-            for i, (m, sd) in enumerate(means):
-                if not math.isnan(m):
-                    ax.annotate(f"{m:.3g}", (i, m + sd), ha="center", va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
-            tops = [m + sd for m, sd in means if not math.isnan(m)]
-            if tops and max(tops) > 0:  # room above the tallest error bar for its label
-                ax.set_ylim(top=max(tops) * 1.14)
-        else:
-            span = max(1, ks[-1] - ks[0])
-            for i, sel in enumerate(selectors):
-                pts = sorted((t["k"], *t["metrics"].get(metric, (float("nan"), 0.0))) for t in table if t["series"] == sel)
-                x = [p[0] + (i - (len(selectors) - 1) / 2) * 0.02 * span for p in pts]  # dodge overlapping bars
-                ax.errorbar(x, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=sel, color=colors[sel])
-            ax.set_xlabel("softmax layers K")
-            ax.set_xticks(ks)
-        ref = _REFERENCE.get(metric)
-        ref_vals = [t["metrics"][ref][0] for t in table if ref and ref in t["metrics"] and not math.isnan(t["metrics"][ref][0])]
-        if ref_vals:
-            ax.axhline(statistics.fmean(ref_vals), color="gray", ls="--", lw=1, label="teacher")
-            ax.legend(fontsize=7)
-        ax.set_ylabel(metric)
-        better = "lower" if any(metric.endswith(x) or metric == x for x in _LOWER_IS_BETTER) else "higher"
-        ax.set_title(f"{metric}  ({better} is better)", fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    for ax in list(axes.flat)[len(metric_names):]:
-        ax.axis("off")
-    if len(ks) > 1:
-        axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title + f" (mean ± std over seeds; K = {', '.join(map(str, ks))})", fontsize=10)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    return path
-
-
-def plot_layers(rows: list[dict[str, Any]], n_layers: int, path: Path, title: str) -> Path:
-    """Selector x layer heat map: the fraction of (seed, budget) runs in which each layer stayed softmax."""
-    from hybridize.recipes.outputs import _plt, _save_figure
-
-    plt = _plt()
-    names = series(rows)
-    selectors = list(dict.fromkeys(names[id(r)] for r in rows))
-    freq = torch.zeros(len(selectors), n_layers)
-    for r in rows:
-        for layer in r["softmax_layers"]:
-            freq[selectors.index(names[id(r)]), layer] += 1
-    counts = torch.tensor([sum(names[id(r)] == s for r in rows) for s in selectors], dtype=torch.float).clamp_min(1)
-    freq = freq / counts[:, None]
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * n_layers + 3.5), 0.5 * len(selectors) + 1.8))
-    im = ax.imshow(freq.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(n_layers))
-    ax.set_xlabel("layer")
-    ax.set_yticks(range(len(selectors)), selectors)
-    if n_layers <= 32:
-        for i in range(len(selectors)):
-            for j in range(n_layers):
-                v = float(freq[i, j])
-                ax.text(j, i, f"{v:.2g}" if v else "", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
-    fig.colorbar(im, ax=ax, label="fraction of runs with the layer softmax")
-    ax.set_title(title, fontsize=9, wrap=True)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    return path
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
@@ -380,6 +195,7 @@ class _Comparison:
     ks: dict[Any, int]
     rows: list[dict[str, Any]]
     progress: bool
+    log: Any = None  # OUT/metrics.jsonl (hybridize.recipes.outputs.MetricsLog)
     checked_data: dict[int, Any] = attrs.Factory(dict)  # seed -> the data the preflight already packed
     # tokens actually spent vs the sum of what each row would spend alone (selection cost = teacher-forward
     # + stage-1 tokens, as in result.json; final = stage-2 (+ stage-3) tokens of its final hybrid, plus the
@@ -414,37 +230,31 @@ class _Comparison:
                     self._selection(seed, sel, budget, pv, todo)
 
     def _selection(self, seed: int, sel: ComponentRef, budget: Any, pv: ComponentRef, finals: list[ComponentRef]) -> None:
-        from hybridize.selection.engine import SelectionEngine
-
         k, pvl = self.ks[budget], label(pv)
         cfg = attrs.evolve(self.base, seed=seed, softmax_layers=budget,
                            selection=attrs.evolve(self.base.selection, selector=sel, linear_attention=pv))
-        engine = SelectionEngine(teacher=self.teacher.model, data=self.data, cfg=cfg.selection, distill=cfg.distill, variant=pv,
-                                 pm=self.pm, device=self.device, k=k, seed=seed, progress=self.progress,
-                                 ckpt_dir=self.out / "checkpoints" / f"seed{seed}" / f"k{k}" / _slug(pvl) / _slug(label(sel)),
-                                 stage1_from=self.stage1.get(pvl))
-        selection = engine.run()
+        engine, selection = select(teacher=self.teacher.model, data=self.data, cfg=cfg, variant=pv, pm=self.pm, device=self.device,
+                                   k=k, progress=self.progress, stage1_from=self.stage1.get(pvl), log=self.log,
+                                   context={"seed": seed, "selector": label(sel), "k": k, "probe_variant": pvl},
+                                   ckpt_dir=self.out / "checkpoints" / f"seed{seed}" / f"k{k}" / _slug(pvl) / _slug(label(sel)))
         cost = selection["tokens"]["selection_cost"]
         self.standalone["selection"] += cost
         self.spent["selection"] += cost
         if engine.stage1_shared:  # this selection reused the seed's stage 1 of its variant: it did not spend it again
-            s1 = self.stage1[pvl][1]
-            self.spent["selection"] -= s1["stage1"] + s1["teacher_forward"]
+            self.spent["selection"] -= stage1_cost(self.stage1[pvl][1])
         elif engine.stage1_modules:
             self.stage1[pvl] = (engine.stage1_modules, engine.stage1_tokens())
         for fv in finals:
             final = self._final(cfg, fv, selection["softmax_layers"])
             if not (engine.stage1_modules and label(fv) == pvl):  # alone, this row's final would run its own stage 1
-                s1 = self.stage1[label(fv)][1]
-                self.standalone["final_stage1"] += s1["stage1"] + s1["teacher_forward"]
+                self.standalone["final_stage1"] += stage1_cost(self.stage1[label(fv)][1])
             self.standalone["final_distill"] += final["stage2_tokens"]
             self.rows.append(self._row(cfg, sel, pv, fv, selection, final))
             write_json(self.out / "checkpoints" / "rows.json", self.rows)
 
     def _final(self, cfg: RunConfig, fv: ComponentRef, layers: list[int]) -> dict[str, Any]:
         """The final hybrid of variant ``fv`` at ``layers`` (shared by every selection that picks them), evaluated."""
-        from hybridize.evaluate import EvalTarget, merge_metrics, run_evaluators
-        from hybridize.model.hybrid import save_hybrid
+        from hybridize.evaluate import merge_metrics
 
         fvl, key = label(fv), (label(fv), tuple(layers))
         if key in self.final_cache:
@@ -452,67 +262,86 @@ class _Comparison:
         seed_dir = self.out / "checkpoints" / f"seed{cfg.seed}"
         cfg = attrs.evolve(cfg, linear_attention=fv)
         if fvl not in self.stage1:  # no selection so far ran this variant's stage 1: run the shared pass for the finals
-            self.stage1[fvl] = _stage1_pass(self.teacher.model, self.data, cfg, fv, pm=self.pm, device=self.device,
-                                            ckpt_dir=seed_dir / f"stage1-{_slug(fvl)}", progress=self.progress)
-            self.spent["final_stage1"] += self.stage1[fvl][1]["stage1"] + self.stage1[fvl][1]["teacher_forward"]
+            self.stage1[fvl] = shared_stage1(self.teacher.model, self.data, cfg, fv, pm=self.pm, device=self.device,
+                                             ckpt_dir=seed_dir / f"stage1-{_slug(fvl)}", progress=self.progress)
+            self.spent["final_stage1"] += stage1_cost(self.stage1[fvl][1])
         name = f"{_slug(fvl)}-" + "-".join(map(str, layers))
-        student, report = _final_hybrid(self.teacher.model, self.data, cfg, layers, self.stage1[fvl][0], pm=self.pm, device=self.device,
-                                        ckpt_dir=seed_dir / f"final-{name}", progress=self.progress)
-        target = EvalTarget(model=student, tokenizer=self.teacher.tokenizer, label=f"{fvl} {layers}", teacher=self.teacher.model,
-                            heldout=self.data.heldout, progress=self.progress)
-        evals = run_evaluators(cfg.evaluators, target, self.pm) if cfg.evaluators else {"metrics": {}, "evals": []}
+        on_step = observe_steps(self.pm, self.log, seed=cfg.seed, final_variant=fvl, layers=list(layers)) if self.log else None
+        student, report, _ = final_hybrid(
+            self.teacher.model, self.data, cfg, layers, self.stage1[fvl][0], pm=self.pm, device=self.device,
+            ckpt_dir=seed_dir / f"final-{name}", progress=self.progress, tokenizer=self.teacher.tokenizer, on_step=on_step,
+            save_to=self.out / "models" / f"seed{cfg.seed}" / name if self.ccfg.save_models else None, reseed=True)
+        evals = evaluate_hybrid(cfg.evaluators, self.pm, student, self.teacher, self.data.heldout, self.device,
+                                label=f"{fvl} {layers}", progress=self.progress)
         own = {k_: v for k_, v in report["metrics"].items() if k_ in ("heldout_kl", "student_ppl", "teacher_ppl")}
-        metrics = {k_: v for k_, v in merge_metrics(own, evals["evals"]).items() if k_ != "teacher_ppl"}
-        self.final_cache[key] = {"metrics": metrics, "stage2_tokens": report["tokens"]["stage2"] + report["tokens"]["stage3"],
-                                 "evals": evals["evals"], "teacher_ppl": report["metrics"].get("teacher_ppl")}
+        metrics = {k_: v for k_, v in merge_metrics(own, evals).items() if k_ != "teacher_ppl"}
+        self.final_cache[key] = {"metrics": metrics, "stage2_tokens": final_tokens(report),
+                                 "evals": evals, "teacher_ppl": report["metrics"].get("teacher_ppl")}
         self.spent["final_distill"] += self.final_cache[key]["stage2_tokens"]
         self.spent["final_hybrids"] += 1
-        if self.ccfg.save_models:
-            save_hybrid(student.cpu(), self.out / "models" / f"seed{cfg.seed}" / name, self.teacher.tokenizer)
         return self.final_cache[key]
 
     @staticmethod
     def _row(cfg: RunConfig, sel: ComponentRef, pv: ComponentRef, fv: ComponentRef, selection: dict[str, Any],
              final: dict[str, Any]) -> dict[str, Any]:
-        t = selection["tokens"]
         return {
             "seed": cfg.seed, "selector": label(sel), "selector_name": sel.name, "selector_params": dict(sel.params),
             "probe_variant": label(pv), "final_variant": label(fv), "budget": cfg.softmax_layers, "k": selection["k"],
             "softmax_layers": selection["softmax_layers"], "scores": selection["scores"], "raw_scores": selection["raw_scores"],
             "stop_step": selection["stop_step"],
             "trajectory_top_k": [[w["tokens_per_probe"], w["top_k"]] for w in selection["trajectory"]],
-            "tokens": {"selection_cost": t["selection_cost"], "probes": t["probes_total"], "n_probes": t["n_probes"],
-                       "cost_ratio_vs_independent": t["cost_ratio"], "stage1": t["stage1"], "teacher_forward": t["teacher_forward"],
-                       "teacher_backward": t["teacher_backward"], "eval_forward": t["eval_forward"],
-                       "compute": t["compute"], "compute_beyond_stage1": t["compute_beyond_stage1"]},
+            "tokens": row_tokens(selection["tokens"]),
             "metrics": final["metrics"], "teacher_ppl": final["teacher_ppl"],
         }
 
 
 def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, pm: Any = None) -> dict[str, Any]:
     """Run every selector at every budget, probe variant and seed, each with every final variant; write
-    compare.json, compare.md and the plots.
+    compare.json, compare.md, the plots and ``OUT/metrics.jsonl``; fire the observer hooks as ``run`` does.
+
+    Args:
+        pm: the command's plugin manager (default: a new one).
 
     Returns:
         The content of ``OUT/compare.json``.
     """
-    from hybridize.recipes.outputs import check_out_dir, check_resume_config
-    from hybridize.recipes.rundir import prepare_out_dir, run_inputs
-    from hybridize.training.devices import resolve_device
-    from hybridize.registry.manager import get_plugin_manager
-    from hybridize.recipes.preflight import check_run
-    from hybridize.model.teacher import load_teacher
+    from hybridize.recipes.outputs import MetricsLog
 
-    pm = get_plugin_manager()
+    if pm is None:
+        from hybridize.registry.manager import get_plugin_manager
+
+        pm = get_plugin_manager()
     t0 = time.perf_counter()
+    run, n_layers, config = _open(base, ccfg, out, pm, resume=resume, overwrite=overwrite, progress=progress)
+    pm.hook.hybridize_run_start(run_dir=str(run.out), config=config)
+    run.log = MetricsLog(run.out, resume=resume)
+    try:
+        for seed in config["compare"]["seeds"]:
+            run.run_seed(seed)
+    finally:
+        run.log.close()
+    result = _write_outputs(run, n_layers, config["compare"]["softmax_layers"], config["compare"]["seeds"], config,
+                            time.perf_counter() - t0)
+    pm.hook.hybridize_run_end(run_dir=str(run.out), result=result)
+    return result
+
+
+def _open(base: RunConfig, ccfg: CompareConfig, out: str | Path, pm: Any, *, resume: bool, overwrite: bool,
+          progress: bool) -> tuple[_Comparison, int, dict[str, Any]]:
+    """The preflight, the teacher, OUT prepared (refused, overwritten or resumed): the comparison, n_layers, its config."""
+    from hybridize.model.teacher import load_teacher
+    from hybridize.recipes.outputs import check_out_dir, check_resume_config
+    from hybridize.recipes.preflight import check_run
+    from hybridize.training.devices import resolve_device
+    from hybridize.recipes.rundir import prepare_out_dir, run_inputs
+
     budgets = ccfg.softmax_layers or [base.softmax_layers]
     check_out_dir(out, resume=resume, overwrite=overwrite, inputs=run_inputs(base))  # read-only: refuse a full OUT before the slow checks
     checked = check_run(base, pm, command="compare", budgets=budgets, selectors=ccfg.selectors, seed=(ccfg.seeds or [base.seed])[0])
     ks = {b: checked.k(b) for b in budgets}
     device = resolve_device(base.device)
     teacher = load_teacher(base.teacher, device=device)
-    n_layers = checked.teacher.n_layers
     out = prepare_out_dir(out, resume=resume, overwrite=overwrite, command="compare", inputs=run_inputs(base))
     seeds = ccfg.seeds or [base.seed]
     refs = lambda refs_: None if refs_ is None else [{"name": r.name, **r.params} for r in refs_]  # noqa: E731
@@ -524,9 +353,7 @@ def compare(base: RunConfig, ccfg: CompareConfig, out: str | Path, *, resume: bo
     check_resume_config(out, config, teacher=base.teacher, finished_rows=len(rows))
     run = _Comparison(base=base, ccfg=ccfg, out=out, teacher=teacher, pm=pm, device=device, ks=ks, rows=rows, progress=progress,
                       checked_data={checked.seed: checked.data})
-    for seed in seeds:
-        run.run_seed(seed)
-    return _write_outputs(run, n_layers, budgets, seeds, config, time.perf_counter() - t0)
+    return run, checked.teacher.n_layers, config
 
 
 def _write_outputs(run: _Comparison, n_layers: int, budgets: list[Any], seeds: list[int], config: dict[str, Any],

@@ -8,6 +8,8 @@
   of their top-K sets, the mean Jaccard of their trajectories (top-K set at each evaluation window,
   aligned by probe tokens) and the Spearman correlation of their scores.
 - :func:`report_markdown`: both as Markdown, with a closing note per selector.
+- :func:`aggregate`, :func:`markdown_table`, :func:`plot_metrics`, :func:`plot_layers`: the main table (mean ± std
+  over seeds) and the plots.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from hybridize.selection.contract import jaccard, spearman
@@ -156,3 +159,162 @@ def report_markdown(correlation: Mapping[str, Any], overlap: Sequence[Mapping[st
     elif not correlation.get("reference_present", True):
         lines += ["", f"No rank correlation: the reference selector {ref!r} is not among the compared selectors."]
     return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (selector, probe variant, final variant, budget): selections per seed, each metric's mean and std over seeds."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["selector"], r.get("probe_variant"), r.get("final_variant"), r["budget"]), []).append(r)
+    names = series(rows)
+    out = []
+    for (selector, probe, final, budget), rs in groups.items():
+        metric_names = list(dict.fromkeys(m for r in rs for m in r["metrics"]))
+        out.append({
+            "selector": selector, "probe_variant": probe, "final_variant": final, "series": names[id(rs[0])],
+            "budget": budget, "k": rs[0]["k"], "seeds": [r["seed"] for r in rs],
+            "selections": [r["softmax_layers"] for r in rs],
+            "selection_tokens": _mean_std([r["tokens"]["selection_cost"] for r in rs]),
+            "selection_compute": _mean_std([r["tokens"].get("compute") for r in rs]),
+            "metrics": {m: _mean_std([r["metrics"].get(m) for r in rs]) for m in metric_names},
+        })
+    return out
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    digits = 4 if abs(mean) < 10 else 2
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def markdown_table(table: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (metrics as mean ± std over seeds).
+
+    Selection tokens: teacher-forward + stage-1 tokens (``selection_cost``); all passes: every token
+    of every forward pass of the selection, teacher or student (``compute``).
+    """
+    metric_names = list(dict.fromkeys(m for t in table for m in t["metrics"]))
+    variants = len({(t.get("probe_variant"), t.get("final_variant")) for t in table}) > 1 or any(
+        t.get("probe_variant") != t.get("final_variant") for t in table)
+    compute = any(not math.isnan(t.get("selection_compute", (float("nan"),))[0]) for t in table)
+    head = ["selector"] + (["probes -> hybrid"] if variants else []) + ["K", "selected layers (per seed)", "selection tokens"]
+    head += (["all passes"] if compute else []) + metric_names
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in table:
+        n = len(t["seeds"])
+        sels = "; ".join(",".join(map(str, s)) for s in t["selections"])
+        cells = [t["selector"]] + ([f"{t.get('probe_variant')} -> {t.get('final_variant')}"] if variants else [])
+        cells += [str(t["k"]), sels, f"{t['selection_tokens'][0]:,.0f}"]
+        if compute:
+            c = t.get("selection_compute", (float("nan"),))[0]
+            cells.append("-" if math.isnan(c) else f"{c:,.0f}")
+        cells += [_fmt(*t["metrics"].get(m, (float("nan"), 0.0)), n) for m in metric_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: metrics that describe the teacher, not the hybrid: drawn as a reference line, not as a series
+_REFERENCE = {"student_ppl": "teacher_ppl"}
+_LOWER_IS_BETTER = ("heldout_kl", "student_ppl", "kl", "ppl", "loss")
+
+
+def _plotted_metrics(table: list[dict[str, Any]]) -> list[str]:
+    names = list(dict.fromkeys(m for t in table for m in t["metrics"]))
+    return [m for m in names if m not in _REFERENCE.values()]
+
+
+def plot_metrics(table: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Each hybrid metric per selector (mean, error bar = std over seeds).
+
+    Several budgets: the metric against K, one line per selector. One budget: one bar per selector.
+    The teacher's perplexity is a dashed reference line on the hybrid's.
+    """
+    from hybridize.recipes.outputs import _plt, _save_figure
+
+    metric_names = _plotted_metrics(table)
+    if not metric_names:
+        return None
+    plt = _plt()
+    cols = min(3, len(metric_names))
+    rows_n = math.ceil(len(metric_names) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+    selectors = list(dict.fromkeys(t["series"] for t in table))
+    colors = {s: f"C{i}" for i, s in enumerate(selectors)}
+    ks = sorted({t["k"] for t in table})
+    for ax, metric in zip(axes.flat, metric_names):
+        if len(ks) == 1:
+            means = [next((t["metrics"].get(metric, (float("nan"), 0.0)) for t in table if t["series"] == s), (float("nan"), 0.0)) for s in selectors]
+            ax.bar(range(len(selectors)), [m for m, _ in means], yerr=[sd for _, sd in means], capsize=4,
+                   color=[colors[s] for s in selectors])
+            ax.set_xticks(range(len(selectors)), selectors, rotation=20, ha="right", fontsize=8)
+            for i, (m, sd) in enumerate(means):
+                if not math.isnan(m):
+                    ax.annotate(f"{m:.3g}", (i, m + sd), ha="center", va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
+            tops = [m + sd for m, sd in means if not math.isnan(m)]
+            if tops and max(tops) > 0:  # room above the tallest error bar for its label
+                ax.set_ylim(top=max(tops) * 1.14)
+        else:
+            span = max(1, ks[-1] - ks[0])
+            for i, sel in enumerate(selectors):
+                pts = sorted((t["k"], *t["metrics"].get(metric, (float("nan"), 0.0))) for t in table if t["series"] == sel)
+                x = [p[0] + (i - (len(selectors) - 1) / 2) * 0.02 * span for p in pts]  # dodge overlapping bars
+                ax.errorbar(x, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=sel, color=colors[sel])
+            ax.set_xlabel("softmax layers K")
+            ax.set_xticks(ks)
+        ref = _REFERENCE.get(metric)
+        ref_vals = [t["metrics"][ref][0] for t in table if ref and ref in t["metrics"] and not math.isnan(t["metrics"][ref][0])]
+        if ref_vals:
+            ax.axhline(statistics.fmean(ref_vals), color="gray", ls="--", lw=1, label="teacher")
+            ax.legend(fontsize=7)
+        ax.set_ylabel(metric)
+        better = "lower" if any(metric.endswith(x) or metric == x for x in _LOWER_IS_BETTER) else "higher"
+        ax.set_title(f"{metric}  ({better} is better)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(metric_names):]:
+        ax.axis("off")
+    if len(ks) > 1:
+        axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title + f" (mean ± std over seeds; K = {', '.join(map(str, ks))})", fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path
+
+
+def plot_layers(rows: list[dict[str, Any]], n_layers: int, path: Path, title: str) -> Path:
+    """Selector x layer heat map: the fraction of (seed, budget) runs in which each layer stayed softmax."""
+    from hybridize.recipes.outputs import _plt, _save_figure
+
+    import torch
+
+    plt = _plt()
+    names = series(rows)
+    selectors = list(dict.fromkeys(names[id(r)] for r in rows))
+    freq = torch.zeros(len(selectors), n_layers)
+    for r in rows:
+        for layer in r["softmax_layers"]:
+            freq[selectors.index(names[id(r)]), layer] += 1
+    counts = torch.tensor([sum(names[id(r)] == s for r in rows) for s in selectors], dtype=torch.float).clamp_min(1)
+    freq = freq / counts[:, None]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * n_layers + 3.5), 0.5 * len(selectors) + 1.8))
+    im = ax.imshow(freq.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(n_layers))
+    ax.set_xlabel("layer")
+    ax.set_yticks(range(len(selectors)), selectors)
+    if n_layers <= 32:
+        for i in range(len(selectors)):
+            for j in range(n_layers):
+                v = float(freq[i, j])
+                ax.text(j, i, f"{v:.2g}" if v else "", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
+    fig.colorbar(im, ax=ax, label="fraction of runs with the layer softmax")
+    ax.set_title(title, fontsize=9, wrap=True)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hybridize.errors import ConfigError
 from hybridize.evaluate import EvalTarget
 
 
-def load_for_eval(path: str | Path, *, device: str = "cpu") -> EvalTarget:
-    """Load a saved hybrid or a plain Hugging Face causal-LM directory, with its tokenizer."""
+def load_for_eval(path: str | Path, *, device: str = "cpu", pm: Any = None) -> EvalTarget:
+    """Load a saved hybrid (its variant from ``pm``'s registry, default a new manager) or a plain Hugging Face
+    causal-LM directory, with its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from hybridize.model.hybrid import PREFIX, load_hybrid
@@ -23,7 +25,7 @@ def load_for_eval(path: str | Path, *, device: str = "cpu") -> EvalTarget:
         raise ConfigError(f"hybridize eval: {str(path)!r} has no loadable tokenizer ({exc}); save one beside the weights") from exc
     config = AutoConfig.from_pretrained(path)
     if str(config.model_type).startswith(PREFIX):
-        model = load_hybrid(path, device=device)
+        model = load_hybrid(path, device=device, pm=pm)
     else:
         from hybridize.model.teacher import check_finite_weights
         from hybridize.model.weights import check_weights_match_config

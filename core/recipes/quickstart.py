@@ -311,8 +311,9 @@ def quickstart_config(spec: RecallSpec, teacher: Path, corpus_path: Path, task_d
 def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Path | None = None, seeds: list[int] | None = None,
                ratio: float = 0.25, selectors: list[str] | None = None, recall_limit: int | None = None,
                overrides: Sequence[str] = (), spec: RecallSpec | None = None, n_docs: int = 6000,
-               resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Build (or reuse) the teacher, write corpus and recall task, run the comparison. Returns compare.json's content.
+               resume: bool = False, overwrite: bool = False, progress: bool = True, pm: Any = None) -> dict[str, Any]:
+    """Build (or reuse) the teacher, write corpus and recall task, run the comparison (with the plugin manager ``pm``,
+    default a new one, for its validation and its run). Returns compare.json's content.
 
     ``overrides`` are ``--set``-style ``key.path=value`` edits of the compare config (e.g.
     ``distill.stage2_tokens=300000``); ``spec`` and ``n_docs`` change the teacher and corpus (tests use tiny ones).
@@ -338,8 +339,12 @@ def quickstart(out: str | Path = "hybridize-quickstart", *, cache_dir: str | Pat
                              selectors=selectors or ["kl-greedy-add", "uniform", "random"], recall_limit=recall_limit)
     tree = apply_overrides(tree, overrides)
     (out / "quickstart.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    base, ccfg = compare_config_from_dict(tree)
-    result = compare(base, ccfg, out, resume=True, progress=progress)
+    if pm is None:
+        from hybridize.registry.manager import get_plugin_manager
+
+        pm = get_plugin_manager()
+    base, ccfg = compare_config_from_dict(tree, pm=pm)
+    result = compare(base, ccfg, out, resume=True, progress=progress, pm=pm)
     result["quickstart"] = {"teacher": str(teacher), "teacher_info": info, "task_dir": str(task_dir),
                             "wall_seconds": round(time.perf_counter() - t0, 1)}
     from hybridize.atomic_io import write_json

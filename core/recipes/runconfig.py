@@ -157,6 +157,10 @@ def run_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> RunConfi
     data = _section(tree, "data", DataConfig, problems) if "data" in tree else None
     distill = _section(tree, "distill", DistillConfig, problems)
     selection = _section(tree, "selection", SelectionConfig, problems)
+    if pm is None:  # one plugin manager for every check below
+        from hybridize.registry.manager import get_plugin_manager
+
+        pm = get_plugin_manager()
     if selection is not None:
         _check_selection(selection, pm, problems)
     variant = _variant(tree.get("linear_attention", "gdn"), pm, problems)
