@@ -26,6 +26,26 @@ from hybridize.training.loop import LoopConfig, Optimization, autocast_for, para
 from hybridize.training.losses import chunked_kl
 
 
+#: what a probe trains (``selection.probe_trainable``): every parameter as the paper's probes do, every
+#: sequence mixer (the attention / linear-attention module of each layer), or only the mixer of the layer
+#: the probe is about (``Probe.layer``); everything a probe does not train is shared with the teacher and
+#: the shared stage 1 by reference (one tensor for every probe)
+PROBE_TRAINABLE = ("all", "mixers", "probed")
+
+
+def trains(policy: str, layer: int) -> Callable[[str], bool]:
+    """Whether a probe of ``layer`` under ``policy`` trains the parameter of this name (names as in
+    ``student.named_parameters()``, e.g. ``model.layers.3.self_attn.q_proj.weight``)."""
+    if policy == "all":
+        return lambda name: True
+    if policy == "mixers":
+        return lambda name: name.startswith("model.layers.") and ".self_attn." in name
+    if policy == "probed":
+        prefix = f"model.layers.{layer}.self_attn."
+        return lambda name: name.startswith(prefix)
+    raise ValueError(f"probe_trainable must be one of {', '.join(PROBE_TRAINABLE)}; got {policy!r}")
+
+
 class ProbeDivergedWarning(UserWarning):
     """A probe's loss or score became NaN / inf (it is retried once, then left out of the ranking)."""
 
