@@ -69,6 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pm = _command_pm(args)
     cfg = load_run_config(args.config, args.set, pm=pm)
+    if args.dry_run:
+        return _dry_run(args, cfg, pm)
     if args.nproc is not None and args.nproc != 1:
         return _relaunch(args, cfg)
     result = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, pm=pm)
@@ -89,6 +91,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key in ("heldout_kl", "student_ppl", "teacher_ppl"):
         print(f"  {key:<12} {m[key]:.4f}")
     print(f"wrote {args.out}/result.json, scores.png, jaccard.png, distill.png and the hybrid in {args.out}/model ({result['wall_seconds']} s)")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, cfg: Any, pm: Any) -> int:
+    """``hybridize run --dry-run``: print the memory and token plan; nothing is built or written."""
+    from hybridize.recipes.plan import load_throughput, plan_run, refusal
+
+    throughput = load_throughput(args.throughput) if args.throughput else None
+    plan = plan_run(cfg, pm, nproc=args.nproc or 1, out=args.out, throughput=throughput, check=False)
+    print(plan.render())
+    problem = refusal(plan, cfg.selection.probe_group_size)
+    if problem:
+        print(f"hybridize: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -223,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="select the softmax layers, then distil and save the hybrid")
     _add_run_args(p)
     _add_nproc(p)
+    p.add_argument("--dry-run", action="store_true", help="print the memory and token plan (per device, host, disk) and "
+                   "exit; builds no model, writes nothing")
+    p.add_argument("--throughput", metavar="FILE", help="with --dry-run: JSON {phase: tokens_per_s} for a time estimate "
+                   "(phases stage1, probes, stage2, stage3)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("distill", help="distil a hybrid with an explicit list of softmax layers")
     _add_run_args(p)

@@ -65,6 +65,10 @@ def _inputs(cfg: RunConfig, par: distributed.Dist, pm: Any, command: str, out: s
         if par.is_main:  # read-only: refuse a full OUT before the slow checks
             check_out_dir(out, resume=resume, overwrite=overwrite, inputs=run_inputs(cfg))
         checked = check_run(cfg, pm, command=command)
+        if command == "run":  # the memory plan refuses what cannot fit, before OUT is written
+            from hybridize.recipes.plan import plan_run
+
+            plan_run(cfg, pm, nproc=par.world, device=par.device, out=out)
         torch.manual_seed(cfg.seed)
         return load_teacher(cfg.teacher, device=par.device), checked
 

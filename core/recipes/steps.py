@@ -51,7 +51,7 @@ def select(*, teacher: Any, data: Any, cfg: Any, variant: Any, pm: Any, device: 
     from hybridize.selection.engine import SelectionEngine
 
     context = context or {}
-    engine = SelectionEngine(teacher=teacher, data=data, cfg=cfg.selection, distill=cfg.distill, variant=variant, pm=pm,
+    engine = SelectionEngine(teacher=teacher, data=data, cfg=resolved_selection(cfg, pm, device, dist), distill=cfg.distill, variant=variant, pm=pm,
                              device=device, k=k, ckpt_dir=ckpt_dir, seed=cfg.seed, progress=progress, dist=dist,
                              on_window=observe_windows(pm, log, **context) if log is not None else None,
                              on_step=observe_steps(pm, log, **context) if log is not None else None,
@@ -60,6 +60,17 @@ def select(*, teacher: Any, data: Any, cfg: Any, variant: Any, pm: Any, device: 
     if log is not None:
         pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])
     return engine, selection
+
+
+def resolved_selection(cfg: Any, pm: Any, device: torch.device, dist: Any = None) -> Any:
+    """``cfg.selection`` with ``probe_group_size: auto`` replaced by the memory plan's group size (an int for the engine)."""
+    if isinstance(cfg.selection.probe_group_size, int):
+        return cfg.selection
+    from hybridize.recipes.plan import plan_run
+
+    nproc = dist.world if dist is not None and getattr(dist, "active", False) else 1
+    plan = plan_run(cfg, pm, nproc=nproc, device=device, check=False)
+    return attrs.evolve(cfg.selection, probe_group_size=plan.group_size)
 
 
 # -- stage 1 and the final hybrid -----------------------------------------------------------------

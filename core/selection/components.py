@@ -1,7 +1,7 @@
 """The selector, scorer and stop criterion of one selection, built from the registry and checked against each other."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -11,6 +11,12 @@ from hybridize.selection.contract import ChoiceConfig, build_selector_configs
 
 
 ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
+
+
+def _group_size(inst: Any, attribute: Any, value: Any) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return
+    raise ValueError(f"'{attribute.name}' must be an int >= 0 or 'auto': {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -30,7 +36,9 @@ class SelectionConfig:
         probe_tokens: stage-2 tokens per probe (upper bound; the stop criterion may end earlier).
         eval_every: probe steps per evaluation window (0 = about 20 windows).
         probe_lr_attn / probe_lr_other: probe learning rates (0 = distill.stage2_lr_attn / _other).
-        probe_group_size: probes trained together on the device (0 = all at once).
+        probe_group_size: probes trained together on the device: ``auto`` (the largest group that fits in
+            90% of the GPU, all of them on CPU; resolved by the recipe from :mod:`hybridize.recipes.plan`),
+            an int >= 1, or 0 = all at once.
         nan_retry_lr_scale: a probe whose loss or score turns NaN / inf is retried once from its last
             checkpoint with its learning rates times this factor; if it diverges again it is marked
             failed and left out of the ranking.
@@ -44,7 +52,7 @@ class SelectionConfig:
     eval_every: int = attrs.field(default=0, validator=ge0)
     probe_lr_attn: float = attrs.field(default=0.0, validator=ge0)
     probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
-    probe_group_size: int = attrs.field(default=0, validator=ge0)
+    probe_group_size: int | Literal["auto"] = attrs.field(default="auto", validator=_group_size)
     nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
 
 

@@ -170,7 +170,8 @@ class SelectionEngine:
                             lr_other=self.cfg.probe_lr_other or self.distill.stage2_lr_other, device=self.device)
 
     def _groups(self, runs: list[ProbeRun]) -> list[list[ProbeRun]]:
-        size = self.cfg.probe_group_size or max(1, len(runs))  # a rank may have no probes (more ranks than probes)
+        size = self.cfg.probe_group_size  # the recipes resolve "auto" (hybridize.recipes.plan); unresolved: all at once
+        size = (size if isinstance(size, int) else 0) or max(1, len(runs))  # a rank may have no probes
         return [runs[i : i + size] for i in range(0, len(runs), size)]
 
     def _train_window(self, group: list[ProbeRun], batches: list, teacher_h: list) -> dict[int, bool]:
