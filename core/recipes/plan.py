@@ -105,7 +105,7 @@ class Plan:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.2f}"
+    return f"{n / GIB:.3f}"
 
 
 def _avail(n: int | None) -> str:
@@ -148,7 +148,7 @@ def count_params(config: Any, variant: Any, pm: Any) -> Counts:
 def _dtype(config: Any, device: Any) -> Any:
     import torch
 
-    named = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    named = getattr(config, "dtype", None) or config.to_dict().get("torch_dtype")  # torch_dtype: older transformers
     if isinstance(named, str):
         named = getattr(torch, named, None)
     if isinstance(named, torch.dtype):
