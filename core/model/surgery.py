@@ -135,6 +135,44 @@ def build_student(
     return as_hybrid(student)
 
 
+def assemble_student(
+    teacher: PreTrainedModel,
+    softmax_layers: Sequence[int],
+    linear: dict[int, nn.Module],
+    variant: str | Entry,
+    params: dict[str, Any] | None = None,
+    *,
+    pm: HybridizePluginManager | None = None,
+) -> PreTrainedModel:
+    """A student that shares every tensor with ``teacher`` and ``linear`` by reference (nothing is copied).
+
+    The module tree is new (so one student's flags, hooks and owned tensors never touch another's), but
+    each parameter and buffer is the teacher's (its layers in ``softmax_layers``, embeddings, MLPs, norms)
+    or that of ``linear[i]`` (the linear layers, e.g. the shared stage-1 modules). Selection probes are
+    built this way, then own a copy of what they train only. ``requires_grad`` is left as it is.
+
+    Raises:
+        ConfigError: bad ``softmax_layers``, or a linear layer missing from ``linear``.
+    """
+    softmax = check_softmax_layers(softmax_layers, len(decoder_layers(teacher)))
+    missing = [i for i in range(len(decoder_layers(teacher))) if i not in softmax and i not in linear]
+    if missing:
+        raise ConfigError(f"assemble_student field 'linear' must hold a module for every linear layer; missing {missing}")
+    entry = _resolve_variant(variant, pm)
+    config = entry.build_config(params)
+    memo: dict[int, Any] = {}
+    for module in (teacher, *linear.values()):
+        memo.update({id(t): t for t in (*module.parameters(), *module.buffers())})
+    skip = {id(decoder_layers(teacher)[i].self_attn): None for i in linear if i not in softmax}  # replaced below
+    student = copy.deepcopy(teacher, {**memo, **skip})
+    for i, layer in enumerate(decoder_layers(student)):
+        if i not in softmax:
+            layer.self_attn = copy.deepcopy(linear[i], dict(memo)).train(student.training)
+    _record(student, softmax, entry, config)
+    install_padding_hook(student)
+    return as_hybrid(student)
+
+
 # -- inspection ------------------------------------------------------------------------------------
 def linear_layers(model: nn.Module) -> list[int]:
     """Indices of the layers whose attention is linear (a :class:`LinearAttention`)."""

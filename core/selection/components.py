@@ -13,6 +13,13 @@ from hybridize.selection.contract import ChoiceConfig, build_selector_configs
 ge0, gt0 = attrs.validators.ge(0), attrs.validators.gt(0)
 
 
+#: what a probe trains (``selection.probe_trainable``): every parameter as the paper's probes do, every
+#: sequence mixer (the attention / linear-attention module of each layer), or only the mixer of the layer
+#: the probe is about (``Probe.layer``); everything a probe does not train is shared with the teacher and
+#: the shared stage 1 by reference (one tensor for every probe); see :func:`hybridize.selection.probes.trains`
+PROBE_TRAINABLE = ("all", "mixers", "probed")
+
+
 def _group_size(inst: Any, attribute: Any, value: Any) -> None:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return
@@ -39,6 +46,10 @@ class SelectionConfig:
         probe_group_size: probes trained together on the device: ``auto`` (the largest group that fits in
             90% of the GPU, all of them on CPU; resolved by the recipe from :mod:`hybridize.recipes.plan`),
             an int >= 1, or 0 = all at once.
+        probe_trainable: what a probe trains and owns (:data:`PROBE_TRAINABLE`): ``all`` (every parameter,
+            as the paper's probes), ``mixers`` (every layer's attention / linear attention) or ``probed``
+            (only the mixer of the layer the probe scores). The rest is shared with the teacher and the
+            shared stage 1 by reference, so a probe's memory, optimizer state and checkpoint are what it trains.
         nan_retry_lr_scale: a probe whose loss or score turns NaN / inf is retried once from its last
             checkpoint with its learning rates times this factor; if it diverges again it is marked
             failed and left out of the ranking.
@@ -53,6 +64,7 @@ class SelectionConfig:
     probe_lr_attn: float = attrs.field(default=0.0, validator=ge0)
     probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
     probe_group_size: int | Literal["auto"] = attrs.field(default="auto", validator=_group_size)
+    probe_trainable: str = attrs.field(default="all", validator=attrs.validators.in_(PROBE_TRAINABLE))
     nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
 
 

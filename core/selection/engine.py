@@ -167,12 +167,8 @@ class SelectionEngine:
     def _probe_builder(self) -> ProbeBuilder:
         return ProbeBuilder(teacher=self.teacher, stage1_modules=self.stage1_modules, variant=self.variant, pm=self.pm,
                             distill=self.distill, lr_attn=self.cfg.probe_lr_attn or self.distill.stage2_lr_attn,
-                            lr_other=self.cfg.probe_lr_other or self.distill.stage2_lr_other, device=self.device)
-
-    def _groups(self, runs: list[ProbeRun]) -> list[list[ProbeRun]]:
-        size = self.cfg.probe_group_size  # the recipes resolve "auto" (hybridize.recipes.plan); unresolved: all at once
-        size = (size if isinstance(size, int) else 0) or max(1, len(runs))  # a rank may have no probes
-        return [runs[i : i + size] for i in range(0, len(runs), size)]
+                            lr_other=self.cfg.probe_lr_other or self.distill.stage2_lr_other, device=self.device,
+                            trainable=self.cfg.probe_trainable)
 
     def _train_window(self, group: list[ProbeRun], batches: list, teacher_h: list) -> dict[int, bool]:
         """The window's optimizer steps for one group (see :func:`hybridize.selection.probes.train_window`)."""
@@ -265,16 +261,12 @@ class SelectionEngine:
         steps = max(1, math.ceil(self.cfg.probe_tokens / (B * T)))
         window = self.cfg.eval_every or max(1, steps // 20)
         self._plan = [p.layer for p in probes]
-        builder = self._probe_builder()
-        runs = [builder.build(p, steps) for i, p in enumerate(probes) if self.par.owns(i)]  # probe i on rank i mod N
-        groups = self._groups(runs)
+        runs, groups = self._build_probes(probes, steps)
+        on_device = len(groups) == 1
         sampler = BlockSampler(self.data.train.shape[0], B, seed=self.seed)
         step, done = self._load(runs, sampler)
         if step == 0:
             self._save(runs, sampler, 0, False)  # the "last checkpoint" a diverged probe restarts from
-        on_device = len(groups) == 1
-        for r in runs:
-            r.to(self.device if on_device else torch.device("cpu"))
         bar = tqdm(total=steps, initial=step, desc=f"probes x{len(runs)}", unit="step", disable=not self.progress)
         while not done and step < steps:
             n = min(window, steps - step)
@@ -305,6 +297,20 @@ class SelectionEngine:
         self.tokens["probes_total"] = self.tokens["probe_each"] * len(probes)
         self.n_probes = len(probes)
         return self.trajectory[-1]["raw"] if self.trajectory else {}
+
+    def _build_probes(self, probes: list, steps: int) -> tuple[list[ProbeRun], list[list[ProbeRun]]]:
+        """This rank's probes (probe i on rank i mod N), built one at a time: with several groups each leaves the
+        device as soon as it is built, so at most one probe's owned tensors are on the device beyond a group's."""
+        builder = self._probe_builder()
+        mine = [p for i, p in enumerate(probes) if self.par.owns(i)]
+        size = self.cfg.probe_group_size  # the recipes resolve "auto" (hybridize.recipes.plan); unresolved: all at once
+        size = (size if isinstance(size, int) else 0) or max(1, len(mine))  # a rank may have no probes
+        runs = []
+        for probe in mine:
+            runs.append(builder.build(probe, steps))
+            if size < len(mine):
+                runs[-1].to(torch.device("cpu"))
+        return runs, [runs[i : i + size] for i in range(0, len(runs), size)]
 
     def _gather_window(self, raw: dict[int, float], eval_before: int, runs: list[ProbeRun]) -> dict[int, float]:
         """With several ranks: every rank's scores, probe status and held-out tokens of this window, on every rank."""

@@ -20,17 +20,14 @@ import torch
 from torch import nn
 
 from hybridize import faults
+from hybridize.errors import HybridizeError
 from hybridize.distill.stages import DistillConfig, linear_modules
+from hybridize.selection.components import PROBE_TRAINABLE
 from hybridize.selection.contract import Probe
-from hybridize.training.loop import LoopConfig, Optimization, autocast_for, param_groups
+from hybridize.training.loop import LoopConfig, Optimization, autocast_for, move_tensor, param_groups
 from hybridize.training.losses import chunked_kl
 
 
-#: what a probe trains (``selection.probe_trainable``): every parameter as the paper's probes do, every
-#: sequence mixer (the attention / linear-attention module of each layer), or only the mixer of the layer
-#: the probe is about (``Probe.layer``); everything a probe does not train is shared with the teacher and
-#: the shared stage 1 by reference (one tensor for every probe)
-PROBE_TRAINABLE = ("all", "mixers", "probed")
 
 
 def trains(policy: str, layer: int) -> Callable[[str], bool]:
@@ -46,17 +43,40 @@ def trains(policy: str, layer: int) -> Callable[[str], bool]:
     raise ValueError(f"probe_trainable must be one of {', '.join(PROBE_TRAINABLE)}; got {policy!r}")
 
 
+def own_parameters(model: nn.Module, keep: Callable[[str], bool]) -> list[str]:
+    """Give ``model`` its own trainable copy of each parameter ``keep`` selects; the rest stay shared and frozen.
+
+    Tied parameters stay tied (one new tensor set in every slot of the original). A shared parameter that
+    requires grad (a teacher that is not frozen) is replaced by a frozen alias of the same storage, so no
+    gradient ever reaches the teacher or the shared stage 1. Returns the owned names, as in
+    ``model.named_parameters()``.
+    """
+    first = {id(p): (n, p) for n, p in model.named_parameters()}  # one (first) name per tensor, ties included
+    new = {pid: nn.Parameter(p.detach().clone(), requires_grad=True) if keep(n) else nn.Parameter(p.detach(), requires_grad=False)
+           for pid, (n, p) in first.items() if keep(n) or p.requires_grad}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and id(p) in new:
+                module._parameters[key] = new[id(p)]
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 class ProbeDivergedWarning(UserWarning):
     """A probe's loss or score became NaN / inf (it is retried once, then left out of the ranking)."""
 
 
 @attrs.define
 class ProbeRun:
-    """One probe student with its optimization (optimizer, schedule, clipping, NaN watch)."""
+    """One probe student with its optimization (optimizer, schedule, clipping, NaN watch).
+
+    ``owned`` names the parameters the probe trains (its own tensors); every other tensor of ``model`` is the
+    teacher's or the shared stage 1's, by reference. Moving, checkpointing and loading touch the owned ones only.
+    """
 
     probe: Probe
     model: nn.Module
     opt: Optimization
+    owned: list[str] = attrs.field(factory=list)
 
     @property
     def layer(self) -> int:
@@ -70,20 +90,35 @@ class ProbeRun:
     def scheduler(self) -> Any:
         return self.opt.scheduler
 
+    def owned_params(self) -> dict[str, nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self.owned}
+
     def to(self, device: torch.device) -> None:
-        """Move the student and its optimizer state (between windows, when groups take turns)."""
-        self.model.to(device)
-        self.opt.to(device)
+        """Move what the probe owns (its parameters and optimizer state) to ``device``; shared tensors stay.
+
+        Off a CUDA device the tensors go to pinned host memory, so the next move back is asynchronous.
+        """
+        device = torch.device(device)
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        for p in self.owned_params().values():
+            p.data = move_tensor(p.data, device, pin=pin)
+        self.opt.to(device, pin=pin)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a window checkpoint holds of this probe: its tensors (on CPU), optimizer and schedule."""
-        return {"model": {n: p.detach().cpu() for n, p in self.model.named_parameters()}, **self.opt.state_dict()}
+        """What a window checkpoint holds of this probe: its owned tensors (on CPU), optimizer and schedule."""
+        return {"model": {n: p.detach().cpu() for n, p in self.owned_params().items()}, **self.opt.state_dict()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        params = dict(self.model.named_parameters())
+        owned = self.owned_params()
+        if set(saved["model"]) != set(owned):
+            raise HybridizeError(
+                f"the checkpoint of the probe of layer {self.layer} holds {len(saved['model'])} tensors, this run's probe "
+                f"trains {len(owned)}: selection.probe_trainable differs from the run that wrote it; resume with the "
+                "same selection.probe_trainable, or start again with --overwrite")
         with torch.no_grad():
             for n, t in saved["model"].items():
-                params[n].copy_(t)
+                owned[n].copy_(t)
         self.opt.load_state_dict(saved)
 
     def train_step(self, ids_parts: list[torch.Tensor], h_parts: list[torch.Tensor], teacher: nn.Module,
@@ -119,7 +154,12 @@ def train_window(group: list[ProbeRun], batches: list[list[torch.Tensor]], teach
 
 @attrs.define
 class ProbeBuilder:
-    """Builds probe students from the teacher and the shared stage-1 modules, with their optimization."""
+    """Builds probe students from the teacher and the shared stage-1 modules, with their optimization.
+
+    A probe is assembled around the teacher's and the stage-1 modules' tensors by reference
+    (:func:`hybridize.model.surgery.assemble_student`) and owns a copy of only what it trains
+    (``trainable``, one of :data:`PROBE_TRAINABLE`): building one costs its owned tensors, not a student.
+    """
 
     teacher: nn.Module
     stage1_modules: dict[int, nn.Module]
@@ -129,14 +169,18 @@ class ProbeBuilder:
     lr_attn: float
     lr_other: float
     device: torch.device
+    trainable: str = "all"
 
-    def model(self, probe: Probe) -> nn.Module:
-        from hybridize.model.surgery import build_student
+    def model(self, probe: Probe) -> tuple[nn.Module, list[str]]:
+        """The probe's student and the names of the parameters it owns (and trains)."""
+        from hybridize.model.surgery import assemble_student
 
-        model = build_student(self.teacher, list(probe.softmax_layers), self.variant.name, self.variant.params, pm=self.pm)
-        for i, module in linear_modules(model).items():
-            module.load_state_dict(self.stage1_modules[i].state_dict())
-        return model.requires_grad_(True).train()
+        for module in self.stage1_modules.values():
+            module.requires_grad_(False)  # shared by every probe: never trained through one
+        model = assemble_student(self.teacher, list(probe.softmax_layers), self.stage1_modules, self.variant.name,
+                                 self.variant.params, pm=self.pm)
+        owned = own_parameters(model, trains(self.trainable, probe.layer))
+        return model.train(), owned
 
     def loop_config(self, steps: int, groups: list[dict[str, Any]]) -> LoopConfig:
         """The stage-2 settings of ``distill`` for a probe of ``steps`` steps (one lr per group)."""
@@ -147,10 +191,11 @@ class ProbeBuilder:
                           warmup_steps=round(d.warmup_fraction * steps), min_lr_ratio=d.min_lr_ratio)
 
     def build(self, probe: Probe, steps: int) -> ProbeRun:
-        model = self.model(probe)
+        model, owned = self.model(probe)
         groups = [g for g in param_groups(model.named_parameters(), lambda n: ".self_attn." in n) if g["params"]]
-        opt = Optimization(groups, self.loop_config(steps, groups), self.device, clip_params=list(model.parameters()))
-        return ProbeRun(probe, model, opt)
+        params = [p for g in groups for p in g["params"]]
+        opt = Optimization(groups, self.loop_config(steps, groups), self.device, clip_params=params)
+        return ProbeRun(probe, model, opt, owned)
 
 
 @attrs.define

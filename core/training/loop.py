@@ -90,6 +90,17 @@ def autocast_for(device: torch.device) -> Any:
     return nullcontext()
 
 
+def move_tensor(t: torch.Tensor, device: torch.device, *, pin: bool = False) -> torch.Tensor:
+    """``t`` on ``device`` (itself when already there); ``pin``: into pinned host memory, so that the move
+    back to the GPU is asynchronous (a pinned source is copied with ``non_blocking``)."""
+    device = torch.device(device)
+    if t.device == device or (device.index is None and t.device.type == device.type):
+        return t
+    if pin:
+        return t.to("cpu").pin_memory()
+    return t.to(device, non_blocking=t.is_pinned())
+
+
 @attrs.define(slots=False)
 class Optimization:
     """The one optimizer of a training run: AdamW, its lr schedule, clipping, the NaN guard and their state.
@@ -189,12 +200,12 @@ class Optimization:
                 g["initial_lr"] *= scale
         self.scheduler.base_lrs = [lr * scale for lr in self.scheduler.base_lrs]
 
-    def to(self, device: torch.device) -> None:
-        """Move the optimizer state (not its step counters) to ``device``."""
+    def to(self, device: torch.device, *, pin: bool = False) -> None:
+        """Move the optimizer state (not its step counters) to ``device`` (``pin``: into pinned host memory)."""
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and key != "step":
-                    state[key] = value.to(device)
+                    state[key] = move_tensor(value, device, pin=pin)
 
 
 @attrs.define(slots=False)
