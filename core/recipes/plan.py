@@ -55,6 +55,17 @@ class Counts:
     hidden: int
     vocab: int
 
+    def student(self, softmax_layers: Any) -> int:
+        """Parameters of the final hybrid at ``softmax_layers`` (a list; for K or a ratio an upper bound: the
+        linear layers are those where the variant adds the most)."""
+        from hybridize.selection.contract import resolve_budget
+
+        n = len(self.attention)
+        delta = [self.variant[i] - self.attention[i] for i in range(n)]
+        if isinstance(softmax_layers, list):
+            return self.teacher + sum(delta[i] for i in range(n) if i not in softmax_layers)
+        return self.teacher + sum(sorted(delta, reverse=True)[: n - resolve_budget(softmax_layers, n)])
+
     def probe_params(self, policy: str, layer: int, softmax_layers: Any = None) -> int:
         """Parameters a probe of ``layer`` (softmax at ``softmax_layers``, default ``[layer]``) trains under
         ``policy``: ``probed`` its layer's attention, ``mixers`` every layer's mixer, ``all`` the whole student."""
@@ -81,7 +92,7 @@ class Plan:
     group_size: int
     probe_trainable: str
     probe_params: int
-    memory: dict[str, int]  # teacher, stage1, probes_gpu, activations, gpu_total, host, disk
+    memory: dict[str, int]  # teacher, stage1, probes_gpu, activations, selection_total, stage2, gpu_total, host, disk
     available: dict[str, int | None]  # gpu (the usable share), host, disk
     tokens: dict[str, int]
     seconds: dict[str, float] | None = None
@@ -94,10 +105,11 @@ class Plan:
                 "memory per device            GiB",
                 *(f"  {label:<26} {_gib(m[key]):>8}" for key, label in
                   (("teacher", "teacher"), ("stage1", "stage-1 modules"), ("probes_gpu", "probes on GPU"),
-                   ("activations", "activations"))),
-                f"  {'total':<26} {_gib(m['gpu_total']):>8}  of {_avail(a['gpu'])} available",
+                   ("activations", "activations"), ("selection_total", "selection (sum of above)"),
+                   ("stage2", "final stage 2"))),
+                f"  {'peak':<26} {_gib(m['gpu_total']):>8}  of {_avail(a['gpu'])} available",
                 f"host (probes off the GPU)    {_gib(m['host']):>8}  of {_avail(a['host'])} available",
-                f"disk (one window checkpoint) {_gib(m['disk']):>8}  of {_avail(a['disk'])} available",
+                f"disk (checkpoints)           {_gib(m['disk']):>8}  of {_avail(a['disk'])} available",
                 "tokens per phase"]
         rows += [f"  {p:<26} {self.tokens[p]:>14,}" for p in PHASES]
         rows.append(f"estimated time               {_time(self.seconds)}")
@@ -187,16 +199,24 @@ def _available(device: Any, gpu: int | None, host: int | None, disk: int | None,
     return {"gpu": None if gpu is None else int(gpu * GPU_FRACTION), "host": host, "disk": disk}
 
 
-def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, group: int) -> dict[str, int]:
+def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, group: int, nproc: int = 1) -> dict[str, int]:
+    """Bytes per device (selection phase, final stage 2), on the host and on disk (host and disk: the machine's,
+    all ranks together)."""
     d = cfg.distill
     tokens = (d.micro_batch_size or d.batch_size) * cfg.data.seq_len
     state = owned * nbytes * 3  # parameters + AdamW's two moments
+    student = counts.student(cfg.softmax_layers)
+    trained = student * nbytes * 4  # parameters, gradients, AdamW's two moments
+    sharded = trained // nproc if nproc > 1 and d.parallel == "fsdp" else trained
     mem = {"teacher": counts.teacher * nbytes, "stage1": sum(counts.variant) * nbytes if per_rank else 0,
            "probes_gpu": group * (state + owned * nbytes),
            "activations": (len(counts.attention) * counts.hidden * tokens * ACT_BYTES_PER_HIDDEN
                            + min(d.kl_chunk_tokens, tokens) * counts.vocab * 4 * 2),
-           "host": (per_rank - group) * state, "disk": per_rank * state}
-    mem["gpu_total"] = sum(mem[k] for k in ("teacher", "stage1", "probes_gpu", "activations"))
+           "host": nproc * (per_rank - group) * state,
+           "disk": nproc * per_rank * state + (student * nbytes * 4 if d.stage2_tokens or d.stage3_tokens else 0)}
+    mem["selection_total"] = sum(mem[k] for k in ("teacher", "stage1", "probes_gpu", "activations")) if per_rank else 0
+    mem["stage2"] = (counts.teacher * nbytes + sharded + mem["activations"]) if d.stage2_tokens or d.stage3_tokens else 0
+    mem["gpu_total"] = max(mem["selection_total"], mem["stage2"])
     return mem
 
 
@@ -217,23 +237,25 @@ def _refusal(plan: Plan, requested: Any) -> str | None:
     m, a, need = plan.memory, plan.available, lambda k: _gib(plan.memory[k])
     fix = ("set selection.probe_trainable: probed (a probe then owns only its layer's attention)"
            if plan.probe_trainable != "probed" else "run on more GPUs with --nproc")
-    if a["gpu"] is not None and m["gpu_total"] > a["gpu"]:
+    gpu = None if a["gpu"] is None else f"{_gib(a['gpu'])} GiB are available ({GPU_FRACTION:.0%} of the GPU)"
+    if gpu and m["selection_total"] > a["gpu"]:
         if plan.group_size > 1:
-            return (f"selection.probe_group_size {requested} needs {need('gpu_total')} GiB of GPU memory but "
-                    f"{_gib(a['gpu'])} GiB are available ({GPU_FRACTION:.0%} of the GPU); lower "
-                    "selection.probe_group_size or set it to auto")
+            return (f"selection.probe_group_size {requested} needs {need('selection_total')} GiB of GPU memory but "
+                    f"{gpu}; lower selection.probe_group_size or set it to auto")
         if m["activations"] >= m["probes_gpu"]:
             fix = f"lower distill.micro_batch_size (activations {need('activations')} GiB)"
-        return (f"one probe on the GPU needs {need('gpu_total')} GiB (teacher {need('teacher')}, stage-1 modules "
-                f"{need('stage1')}, probe {need('probes_gpu')}, activations {need('activations')}) but "
-                f"{_gib(a['gpu'])} GiB are available ({GPU_FRACTION:.0%} of the GPU); {fix}")
+        return (f"one probe on the GPU needs {need('selection_total')} GiB (teacher {need('teacher')}, stage-1 modules "
+                f"{need('stage1')}, probe {need('probes_gpu')}, activations {need('activations')}) but {gpu}; {fix}")
+    if gpu and m["stage2"] > a["gpu"]:
+        return (f"the final hybrid's stage 2 needs {need('stage2')} GiB per GPU (teacher {need('teacher')}, activations "
+                f"{need('activations')}, the student with gradients and AdamW the rest) but {gpu}; lower "
+                "distill.micro_batch_size, or spread it with --nproc and distill.parallel: fsdp")
     if a["host"] is not None and m["host"] > a["host"]:
-        return (f"the {plan.probes_per_rank - plan.group_size} probes off the GPU need {need('host')} GiB of host "
-                f"memory but {_gib(a['host'])} GiB are available; {fix}, raise selection.probe_group_size, "
-                "or spread the probes with --nproc")
+        return (f"the {plan.nproc * (plan.probes_per_rank - plan.group_size)} probes off the GPU need {need('host')} GiB "
+                f"of host memory but {_gib(a['host'])} GiB are available; {fix}, or raise selection.probe_group_size")
     if a["disk"] is not None and m["disk"] > a["disk"]:
-        return (f"a window checkpoint of the probes needs {need('disk')} GiB of disk but {_gib(a['disk'])} GiB are "
-                f"free; {fix}, or free disk space for OUT")
+        return (f"the checkpoints (every probe's window state, the final stage 2) need {need('disk')} GiB of disk but "
+                f"{_gib(a['disk'])} GiB are free where OUT goes; {fix}, or free disk space there")
     return None
 
 
@@ -269,12 +291,13 @@ def plan_run(cfg: Any, pm: Any, *, nproc: int = 1, gpu_bytes: int | None = None,
     available = _available(device, gpu_bytes, host_bytes, disk_bytes, out)
 
     def fits(g: int) -> bool:
-        return available["gpu"] is None or _memory(counts, cfg, nbytes, owned, per_rank, g)["gpu_total"] <= available["gpu"]
+        need = _memory(counts, cfg, nbytes, owned, per_rank, g, nproc)["selection_total"]
+        return available["gpu"] is None or need <= available["gpu"]
 
     group = _group_size(cfg, fits, per_rank) if per_rank else 0
     plan = Plan(device=str(device), dtype=str(dtype).removeprefix("torch."), nproc=nproc, n_probes=len(probes),
                 probes_per_rank=per_rank, group_size=group, probe_trainable=policy, probe_params=owned,
-                memory=_memory(counts, cfg, nbytes, owned, per_rank, group), available=available,
+                memory=_memory(counts, cfg, nbytes, owned, per_rank, group, nproc), available=available,
                 tokens=_tokens(cfg, len(probes)), seconds=_seconds(_tokens(cfg, len(probes)), throughput))
     problem = refusal(plan, cfg.selection.probe_group_size)
     if check and problem:

@@ -229,9 +229,14 @@ def _variant(value: Any, pm: Any, problems: list[str]) -> ComponentRef | None:
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = (), *, pm: Any = None) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides, validate."""
+    """Read a YAML run config, apply ``--set`` overrides, validate.
+
+    A ``compare`` section (what ``hybridize compare`` runs on the same file) is not part of a run and is
+    left out, so one file serves both commands.
+    """
     path = Path(path)
     tree = read_yaml_file(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    tree = {k: v for k, v in tree.items() if k != "compare"}
     return run_config_from_dict(apply_overrides(tree, overrides), pm=pm)

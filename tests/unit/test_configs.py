@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from hybridize.recipes.compare import compare_config_from_dict
-from hybridize.recipes.runconfig import run_config_from_dict
+from hybridize.recipes.runconfig import load_run_config, run_config_from_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -21,6 +21,7 @@ def test_shipped_config_is_valid(path):
     else:
         base = run_config_from_dict(tree)
     assert base.teacher
+    assert load_run_config(path) == base  # `hybridize run FILE` reads the same run (a compare section is left out)
 
 
 def test_paper_configs_follow_the_paper():

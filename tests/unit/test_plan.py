@@ -50,7 +50,7 @@ def test_auto_group_shrinks_with_the_gpu(files, pm):
     whole = plan_run(cfg, pm, gpu_bytes=GIB, device="cpu")
     assert whole.n_probes == 4 and whole.group_size == 4
     one = whole.memory["probes_gpu"] // whole.group_size
-    fixed = whole.memory["gpu_total"] - whole.memory["probes_gpu"]
+    fixed = whole.memory["selection_total"] - whole.memory["probes_gpu"]
     gpu = int((fixed + 2 * one) / 0.9) + 1  # room for two probes, not three
     small = plan_run(cfg, pm, gpu_bytes=gpu, device="cpu")
     assert small.group_size == 2
@@ -59,24 +59,10 @@ def test_auto_group_shrinks_with_the_gpu(files, pm):
     assert plan_run(cfg, pm, nproc=2, gpu_bytes=GIB, device="cpu").probes_per_rank == 2
 
 
-class _Proxy:
-    """An object reading like ``inner`` with some attributes replaced."""
-
-    def __init__(self, inner, **replaced):
-        self._inner = inner
-        self.__dict__.update(replaced)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 def with_policy(cfg, policy):
-    """``cfg`` with ``selection.probe_trainable = policy`` (a proxy while SelectionConfig lacks the field)."""
     import attrs
 
-    if "probe_trainable" in attrs.fields_dict(type(cfg.selection)):
-        return attrs.evolve(cfg, selection=attrs.evolve(cfg.selection, probe_trainable=policy))
-    return _Proxy(cfg, selection=_Proxy(cfg.selection, probe_trainable=policy))
+    return attrs.evolve(cfg, selection=attrs.evolve(cfg.selection, probe_trainable=policy))
 
 
 def test_policy_shrinks_what_a_probe_owns(files, pm):
@@ -140,7 +126,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(files, tmp_path, monkeypatch
                  "--throughput", str(tmp_path / "tps.json")])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    for word in ("teacher", "stage-1 modules", "probes on GPU", "activations", "total", "host", "disk", "probes",
+    for word in ("teacher", "stage-1 modules", "probes on GPU", "activations", "final stage 2", "peak", "host", "disk", "probes",
                  "stage2", "stage3", "estimated time"):
         assert word in printed
     assert "unknown (pass" not in printed and " h (" in printed
@@ -167,3 +153,21 @@ def test_recipe_resolves_auto_to_an_int(files, pm):
     assert resolved_selection(cfg, pm, "cpu").probe_group_size == 4
     cfg = run_config(probe_cfg(files, probe_group_size=2), pm)
     assert resolved_selection(cfg, pm, "cpu") is cfg.selection
+
+
+def test_the_final_stage_2_is_planned_and_refused_with_its_fields(files, pm):
+    from hybridize.recipes.plan import plan_run
+
+    tree = probe_cfg(files)
+    tree["distill"] = {**tree.get("distill", {}), "stage2_tokens": 4096}
+    cfg = run_config(tree, pm)
+    plan = plan_run(cfg, pm, gpu_bytes=GIB, device="cpu")
+    m = plan.memory
+    assert m["stage2"] > m["teacher"] + m["activations"] and m["gpu_total"] == max(m["stage2"], m["selection_total"])
+    student_state = m["stage2"] - m["teacher"] - m["activations"]
+    assert m["disk"] >= student_state  # the stage-2 checkpoint: parameters and AdamW (gradients are not saved)
+    listed = run_config({**tree, "softmax_layers": [1]}, pm)  # nothing selected: only the final stage 2 needs the GPU
+    fixed = plan_run(listed, pm, gpu_bytes=GIB, device="cpu")
+    assert fixed.n_probes == 0 and fixed.memory["selection_total"] == 0 and fixed.memory["stage2"] > 0
+    with pytest.raises(ConfigError, match="final hybrid's stage 2 needs .* distill.micro_batch_size"):
+        plan_run(listed, pm, gpu_bytes=fixed.memory["stage2"] - 1, device="cpu")
