@@ -7,8 +7,11 @@ the config names none):
 
 - per device (GPU): the teacher, the shared stage-1 modules (one variant module per layer), the probes of
   one group (owned parameters + 2 AdamW states + gradients) and the activations of one micro-batch;
-- host: the probes of this rank that wait off the GPU (owned parameters + 2 AdamW states, pinned);
-- disk: one window checkpoint (every probe of this rank, owned parameters + 2 AdamW states).
+- per device, the final stage 2: the teacher, the student with gradients and AdamW (sharded with FSDP), activations;
+- host (the machine, all ranks): the probes that wait off the GPU (owned parameters + 2 AdamW states, pinned),
+  or none when ``selection.probe_offload`` puts them on disk (``auto``: host when they fit, else disk);
+- disk: one window checkpoint (every probe, owned parameters + 2 AdamW states), the final stage-2
+  checkpoint, and the waiting probes' scratch files with ``probe_offload: disk``.
 
 A probe owns what it trains (``selection.probe_trainable``, see :func:`hybridize.selection.probes.trains`);
 the rest is shared by reference with the teacher. With ``nproc`` ranks each holds ``ceil(n_probes / nproc)``.
@@ -92,6 +95,7 @@ class Plan:
     group_size: int
     probe_trainable: str
     probe_params: int
+    offload: str  # where waiting probes are: host (pinned) or disk (scratch files)
     memory: dict[str, int]  # teacher, stage1, probes_gpu, activations, selection_total, stage2, gpu_total, host, disk
     available: dict[str, int | None]  # gpu (the usable share), host, disk
     tokens: dict[str, int]
@@ -101,7 +105,7 @@ class Plan:
         m, a = self.memory, self.available
         rows = [f"plan: {self.n_probes} probes ({self.probes_per_rank} per rank on {self.nproc}), group size "
                 f"{self.group_size}, probe_trainable {self.probe_trainable} ({self.probe_params:,} params each), "
-                f"{self.dtype} on {self.device}",
+                f"{self.dtype} on {self.device}, waiting probes on {self.offload}",
                 "memory per device            GiB",
                 *(f"  {label:<26} {_gib(m[key]):>8}" for key, label in
                   (("teacher", "teacher"), ("stage1", "stage-1 modules"), ("probes_gpu", "probes on GPU"),
@@ -188,7 +192,7 @@ def _available(device: Any, gpu: int | None, host: int | None, disk: int | None,
         gpu = torch.cuda.get_device_properties(device).total_memory
     if host is None:
         try:
-            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            host = _mem_available()
         except (ValueError, OSError, AttributeError):
             host = None
     if disk is None:
@@ -197,6 +201,17 @@ def _available(device: Any, gpu: int | None, host: int | None, disk: int | None,
             where = where.parent
         disk = shutil.disk_usage(where).free
     return {"gpu": None if gpu is None else int(gpu * GPU_FRACTION), "host": host, "disk": disk}
+
+
+def _mem_available() -> int:
+    """The host memory a run can still take: MemAvailable of /proc/meminfo, else the physical RAM."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, group: int, nproc: int = 1) -> dict[str, int]:
@@ -252,9 +267,10 @@ def _refusal(plan: Plan, requested: Any) -> str | None:
                 "distill.micro_batch_size, or spread it with --nproc and distill.parallel: fsdp")
     if a["host"] is not None and m["host"] > a["host"]:
         return (f"the {plan.nproc * (plan.probes_per_rank - plan.group_size)} probes off the GPU need {need('host')} GiB "
-                f"of host memory but {_gib(a['host'])} GiB are available; {fix}, or raise selection.probe_group_size")
+                f"of host memory but {_gib(a['host'])} GiB are available; set selection.probe_offload: disk (or auto), "
+                f"{fix}, or raise selection.probe_group_size")
     if a["disk"] is not None and m["disk"] > a["disk"]:
-        return (f"the checkpoints (every probe's window state, the final stage 2) need {need('disk')} GiB of disk but "
+        return (f"the checkpoints (every probe's window state, the final stage 2{', the probes waiting on disk' if plan.offload == 'disk' else ''}) need {need('disk')} GiB of disk but "
                 f"{_gib(a['disk'])} GiB are free where OUT goes; {fix}, or free disk space there")
     return None
 
@@ -295,9 +311,15 @@ def plan_run(cfg: Any, pm: Any, *, nproc: int = 1, gpu_bytes: int | None = None,
         return available["gpu"] is None or need <= available["gpu"]
 
     group = _group_size(cfg, fits, per_rank) if per_rank else 0
+    memory = _memory(counts, cfg, nbytes, owned, per_rank, group, nproc)
+    offload = getattr(cfg.selection, "probe_offload", "host")
+    if offload == "auto":  # pinned host memory when the waiting probes fit there, else scratch files on disk
+        offload = "host" if available["host"] is None or memory["host"] <= available["host"] else "disk"
+    if offload == "disk":
+        memory = {**memory, "disk": memory["disk"] + memory["host"], "host": 0}
     plan = Plan(device=str(device), dtype=str(dtype).removeprefix("torch."), nproc=nproc, n_probes=len(probes),
                 probes_per_rank=per_rank, group_size=group, probe_trainable=policy, probe_params=owned,
-                memory=_memory(counts, cfg, nbytes, owned, per_rank, group, nproc), available=available,
+                offload=offload, memory=memory, available=available,
                 tokens=_tokens(cfg, len(probes)), seconds=_seconds(_tokens(cfg, len(probes)), throughput))
     problem = refusal(plan, cfg.selection.probe_group_size)
     if check and problem:

@@ -63,14 +63,14 @@ def select(*, teacher: Any, data: Any, cfg: Any, variant: Any, pm: Any, device: 
 
 
 def resolved_selection(cfg: Any, pm: Any, device: torch.device, dist: Any = None) -> Any:
-    """``cfg.selection`` with ``probe_group_size: auto`` replaced by the memory plan's group size (an int for the engine)."""
-    if isinstance(cfg.selection.probe_group_size, int):
+    """``cfg.selection`` with ``probe_group_size`` / ``probe_offload: auto`` replaced by the memory plan's choice."""
+    if isinstance(cfg.selection.probe_group_size, int) and cfg.selection.probe_offload != "auto":
         return cfg.selection
     from hybridize.recipes.plan import plan_run
 
     nproc = dist.world if dist is not None and getattr(dist, "active", False) else 1
     plan = plan_run(cfg, pm, nproc=nproc, device=device, check=False)
-    return attrs.evolve(cfg.selection, probe_group_size=plan.group_size)
+    return attrs.evolve(cfg.selection, probe_group_size=plan.group_size, probe_offload=plan.offload)
 
 
 # -- stage 1 and the final hybrid -----------------------------------------------------------------

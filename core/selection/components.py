@@ -50,6 +50,9 @@ class SelectionConfig:
             as the paper's probes), ``mixers`` (every layer's attention / linear attention) or ``probed``
             (only the mixer of the layer the probe scores). The rest is shared with the teacher and the
             shared stage 1 by reference, so a probe's memory, optimizer state and checkpoint are what it trains.
+        probe_offload: where the probes wait while another group trains: ``host`` (pinned host memory),
+            ``disk`` (a scratch file per probe under the checkpoint directory, read back at its turn) or
+            ``auto`` (host when the plan finds room for them there, else disk; resolved by the recipe).
         nan_retry_lr_scale: a probe whose loss or score turns NaN / inf is retried once from its last
             checkpoint with its learning rates times this factor; if it diverges again it is marked
             failed and left out of the ranking.
@@ -65,6 +68,7 @@ class SelectionConfig:
     probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
     probe_group_size: int | Literal["auto"] = attrs.field(default="auto", validator=_group_size)
     probe_trainable: str = attrs.field(default="all", validator=attrs.validators.in_(PROBE_TRAINABLE))
+    probe_offload: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "host", "disk")))
     nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
 
 

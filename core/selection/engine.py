@@ -87,6 +87,7 @@ class SelectionEngine:
         self.guard = DivergenceGuard(lr_scale=self.cfg.nan_retry_lr_scale, train=lambda *a: self._train_window(*a),
                                      score=lambda group: self._score_window(group), restore=self._windows.restore)
         self.stage1_modules: dict[int, nn.Module] = {}
+        self._park_dir: Path | None = None  # probe_offload disk: where waiting probes' owned states are
         self.stage1_shared = False
         self._stage1_teacher_tokens = 0
         self.trajectory: list[dict[str, Any]] = []
@@ -276,11 +277,11 @@ class SelectionEngine:
             for group in groups:
                 if not on_device:
                     for r in group:
-                        r.to(self.device)
+                        self._fetch(r)
                 raw.update(self.guard.scores(group, step + n, batches, hidden))
                 if not on_device:
                     for r in group:
-                        r.to(torch.device("cpu"))
+                        self._offload(r)
                 faults.kill_point("probe-group")
             raw = self._gather_window(raw, eval_before, runs)
             step += n
@@ -294,6 +295,11 @@ class SelectionEngine:
             self._save(runs, sampler, step, done)
             faults.kill_point("probe-window")
         bar.close()
+        if self._park_dir is not None:  # the scratch files of probe_offload: disk (hybridize's own)
+            import shutil
+
+            shutil.rmtree(self._park_dir, ignore_errors=True)
+            self._park_dir = None
         self.tokens["probes_total"] = self.tokens["probe_each"] * len(probes)
         self.n_probes = len(probes)
         return self.trajectory[-1]["raw"] if self.trajectory else {}
@@ -309,8 +315,26 @@ class SelectionEngine:
         for probe in mine:
             runs.append(builder.build(probe, steps))
             if size < len(mine):
-                runs[-1].to(torch.device("cpu"))
+                self._offload(runs[-1])
         return runs, [runs[i : i + size] for i in range(0, len(runs), size)]
+
+    def _offload(self, run: ProbeRun) -> None:
+        """A probe waits for its group's turn in pinned host memory, or on disk (``selection.probe_offload``)."""
+        if self.cfg.probe_offload != "disk":
+            return run.to(torch.device("cpu"))
+        if self._park_dir is None:
+            import tempfile
+
+            root = self.ckpt_dir / "parked" if self.ckpt_dir is not None else Path(tempfile.mkdtemp(prefix="hybridize-probes-"))
+            root.mkdir(parents=True, exist_ok=True)
+            self._park_dir = root
+        run.park(self._park_dir / f"probe-{run.layer}.pt")
+
+    def _fetch(self, run: ProbeRun) -> None:
+        if run.parked is not None:
+            run.unpark(self.device)
+        else:
+            run.to(self.device)
 
     def _gather_window(self, raw: dict[int, float], eval_before: int, runs: list[ProbeRun]) -> dict[int, float]:
         """With several ranks: every rank's scores, probe status and held-out tokens of this window, on every rank."""

@@ -77,6 +77,7 @@ class ProbeRun:
     model: nn.Module
     opt: Optimization
     owned: list[str] = attrs.field(factory=list)
+    parked: Any = None  # the file holding the owned state while the probe waits on disk
 
     @property
     def layer(self) -> int:
@@ -105,8 +106,30 @@ class ProbeRun:
             p.data = move_tensor(p.data, device, pin=pin)
         self.opt.to(device, pin=pin)
 
+    def park(self, path: Any) -> None:
+        """Write what the probe owns to ``path`` and free it (the disk tier, when host memory is short).
+
+        A scratch file, not a checkpoint: ``--resume`` starts from the window checkpoints and ignores it.
+        """
+        torch.save(self.state_dict(), path)
+        for p in self.owned_params().values():
+            p.data = torch.empty(0, dtype=p.dtype)
+        self.optimizer.state.clear()
+        self.parked = path
+
+    def unpark(self, device: torch.device) -> None:
+        """Read the owned state back from its parking file onto ``device``."""
+        saved = torch.load(self.parked, map_location="cpu", weights_only=True)
+        for n, p in self.owned_params().items():
+            p.data = saved["model"][n].to(device)
+        self.opt.load_state_dict(saved)
+        self.opt.to(device)
+        self.parked = None
+
     def state_dict(self) -> dict[str, Any]:
         """What a window checkpoint holds of this probe: its owned tensors (on CPU), optimizer and schedule."""
+        if self.parked is not None:
+            return torch.load(self.parked, map_location="cpu", weights_only=True)
         return {"model": {n: p.detach().cpu() for n, p in self.owned_params().items()}, **self.opt.state_dict()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -116,6 +139,9 @@ class ProbeRun:
                 f"the checkpoint of the probe of layer {self.layer} holds {len(saved['model'])} tensors, this run's probe "
                 f"trains {len(owned)}: selection.probe_trainable differs from the run that wrote it; resume with the "
                 "same selection.probe_trainable, or start again with --overwrite")
+        if self.parked is not None:  # waiting on disk: the loaded state waits there instead
+            torch.save({**saved, "model": {n: t.cpu() for n, t in saved["model"].items()}}, self.parked)
+            return
         with torch.no_grad():
             for n, t in saved["model"].items():
                 owned[n].copy_(t)

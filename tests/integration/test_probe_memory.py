@@ -12,7 +12,7 @@ from hybridize.registry.manager import get_plugin_manager
 from hybridize.selection.components import PROBE_TRAINABLE, SelectionConfig
 from hybridize.selection.contract import Probe
 from hybridize.selection.engine import SelectionEngine
-from hybridize.selection.probes import ProbeBuilder
+from hybridize.selection.probes import ProbeBuilder, ProbeRun
 from hybridize.testing.models import tiny_model
 
 from test_selection import DISTILL, Crash, data, corpus  # noqa: F401  (fixtures)
@@ -140,3 +140,25 @@ def test_resume_with_another_probe_trainable_is_refused(tmp_path, data):  # noqa
 def test_probe_trainable_is_validated():
     with pytest.raises((ConfigError, ValueError), match="probe_trainable"):
         SelectionConfig(probe_trainable="attention")
+
+
+def test_probes_waiting_on_disk_give_the_same_scores(tmp_path, data, monkeypatch):  # noqa: F811
+    teacher = tiny_model("llama", n_layer=3)
+    ref = engine(teacher, data, "mixers", group=1).run()
+    e = engine(teacher, data, "mixers", ckpt=tmp_path / "ck", group=1)
+    e.cfg = SelectionConfig(**{**{a: getattr(e.cfg, a) for a in ("selector", "stop", "probe_tokens", "eval_every",
+                                                                  "probe_trainable", "probe_group_size")},
+                               "probe_offload": "disk"})
+    seen = []
+    unpark = ProbeRun.unpark
+
+    def spy(run, device):  # while a probe waits on disk it holds no owned tensor in memory
+        seen.append((run.parked.exists(), all(p.numel() == 0 for p in run.owned_params().values()),
+                     len(run.optimizer.state)))
+        unpark(run, device)
+
+    monkeypatch.setattr(ProbeRun, "unpark", spy)
+    parked = e.run()
+    assert parked["trajectory"] == ref["trajectory"] and parked["scores"] == ref["scores"]
+    assert seen and all(seen_ok and empty and n_state == 0 for seen_ok, empty, n_state in seen)
+    assert not (tmp_path / "ck" / "parked").exists()  # the scratch files go when the selection ends

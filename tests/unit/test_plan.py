@@ -85,7 +85,7 @@ def test_impossible_config_is_refused_before_out(files, pm, tmp_path, monkeypatc
     message = str(exc.value)
     assert "\n" not in message.strip() and "GiB" in message
     assert "selection.probe_trainable" in message or "distill.micro_batch_size" in message
-    one_at_a_time = run_config(probe_cfg(files, probe_group_size=1), pm)
+    one_at_a_time = run_config(probe_cfg(files, probe_group_size=1, probe_offload="host"), pm)
     with pytest.raises(ConfigError, match="host memory"):
         plan.plan_run(one_at_a_time, pm, gpu_bytes=GIB, host_bytes=1, device="cpu")
     with pytest.raises(ConfigError, match="disk"):
@@ -151,8 +151,10 @@ def test_recipe_resolves_auto_to_an_int(files, pm):
 
     cfg = run_config(probe_cfg(files), pm)
     assert resolved_selection(cfg, pm, "cpu").probe_group_size == 4
-    cfg = run_config(probe_cfg(files, probe_group_size=2), pm)
-    assert resolved_selection(cfg, pm, "cpu") is cfg.selection
+    resolved = resolved_selection(cfg, pm, "cpu")
+    assert resolved.probe_group_size == 4 and resolved.probe_offload == "host"
+    cfg = run_config(probe_cfg(files, probe_group_size=2, probe_offload="disk"), pm)
+    assert resolved_selection(cfg, pm, "cpu") is cfg.selection  # nothing left to resolve
 
 
 def test_the_final_stage_2_is_planned_and_refused_with_its_fields(files, pm):
@@ -171,3 +173,19 @@ def test_the_final_stage_2_is_planned_and_refused_with_its_fields(files, pm):
     assert fixed.n_probes == 0 and fixed.memory["selection_total"] == 0 and fixed.memory["stage2"] > 0
     with pytest.raises(ConfigError, match="final hybrid's stage 2 needs .* distill.micro_batch_size"):
         plan_run(listed, pm, gpu_bytes=fixed.memory["stage2"] - 1, device="cpu")
+
+
+def test_waiting_probes_go_to_disk_when_the_host_is_short(files, pm):
+    import attrs
+
+    from hybridize.recipes.plan import plan_run
+
+    cfg = run_config(probe_cfg(files, probe_group_size=1), pm)
+    roomy = plan_run(cfg, pm, gpu_bytes=GIB, device="cpu")
+    assert roomy.offload == "host" and roomy.memory["host"] > 0
+    short = plan_run(cfg, pm, gpu_bytes=GIB, host_bytes=1, device="cpu")
+    assert short.offload == "disk" and short.memory["host"] == 0
+    assert short.memory["disk"] == roomy.memory["disk"] + roomy.memory["host"]
+    host_only = attrs.evolve(cfg, selection=attrs.evolve(cfg.selection, probe_offload="host"))
+    with pytest.raises(ConfigError, match="host memory .* selection.probe_offload: disk"):
+        plan_run(host_only, pm, gpu_bytes=GIB, host_bytes=1, device="cpu")
