@@ -214,17 +214,19 @@ def _mem_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, group: int, nproc: int = 1) -> dict[str, int]:
+def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, group: int, nproc: int = 1,
+            obytes: int | None = None) -> dict[str, int]:
     """Bytes per device (selection phase, final stage 2), on the host and on disk (host and disk: the machine's,
     all ranks together)."""
     d = cfg.distill
     tokens = (d.micro_batch_size or d.batch_size) * cfg.data.seq_len
-    state = owned * nbytes * 3  # parameters + AdamW's two moments
+    obytes = obytes or nbytes  # a probe's owned tensors: fp32 master copies of 16-bit weights on CUDA
+    state = owned * obytes * 3  # parameters + AdamW's two moments
     student = counts.student(cfg.softmax_layers)
     trained = student * nbytes * 4  # parameters, gradients, AdamW's two moments
     sharded = trained // nproc if nproc > 1 and d.parallel == "fsdp" else trained
     mem = {"teacher": counts.teacher * nbytes, "stage1": sum(counts.variant) * nbytes if per_rank else 0,
-           "probes_gpu": group * (state + owned * nbytes),
+           "probes_gpu": group * (state + owned * obytes),  # + gradients
            "activations": (len(counts.attention) * counts.hidden * tokens * ACT_BYTES_PER_HIDDEN
                            + min(d.kl_chunk_tokens, tokens) * counts.vocab * 4 * 2),
            "host": nproc * (per_rank - group) * state,
@@ -304,14 +306,15 @@ def plan_run(cfg: Any, pm: Any, *, nproc: int = 1, gpu_bytes: int | None = None,
     policy = getattr(cfg.selection, "probe_trainable", "all")
     owned = max((counts.probe_params(policy, p.layer, p.softmax_layers) for p in probes), default=0)
     per_rank = math.ceil(len(probes) / max(1, nproc))
+    obytes = 4 if device.type == "cuda" else nbytes  # see hybridize.selection.probes.own_parameters
     available = _available(device, gpu_bytes, host_bytes, disk_bytes, out)
 
     def fits(g: int) -> bool:
-        need = _memory(counts, cfg, nbytes, owned, per_rank, g, nproc)["selection_total"]
+        need = _memory(counts, cfg, nbytes, owned, per_rank, g, nproc, obytes)["selection_total"]
         return available["gpu"] is None or need <= available["gpu"]
 
     group = _group_size(cfg, fits, per_rank) if per_rank else 0
-    memory = _memory(counts, cfg, nbytes, owned, per_rank, group, nproc)
+    memory = _memory(counts, cfg, nbytes, owned, per_rank, group, nproc, obytes)
     offload = getattr(cfg.selection, "probe_offload", "host")
     if offload == "auto":  # pinned host memory when the waiting probes fit there, else scratch files on disk
         offload = "host" if available["host"] is None or memory["host"] <= available["host"] else "disk"

@@ -43,16 +43,23 @@ def trains(policy: str, layer: int) -> Callable[[str], bool]:
     raise ValueError(f"probe_trainable must be one of {', '.join(PROBE_TRAINABLE)}; got {policy!r}")
 
 
-def own_parameters(model: nn.Module, keep: Callable[[str], bool]) -> list[str]:
+def _master(p: torch.Tensor, fp32: bool) -> torch.Tensor:
+    t = p.detach()
+    return t.float() if fp32 and t.is_floating_point() and t.element_size() < 4 else t.clone()
+
+
+def own_parameters(model: nn.Module, keep: Callable[[str], bool], *, fp32_master: bool = False) -> list[str]:
     """Give ``model`` its own trainable copy of each parameter ``keep`` selects; the rest stay shared and frozen.
 
-    Tied parameters stay tied (one new tensor set in every slot of the original). A shared parameter that
+    With ``fp32_master`` (under autocast, on CUDA) an owned copy is float32 when the original is 16-bit (a master copy: at the probes' learning rates an
+    AdamW step on a bf16 weight rounds away, 7e-6 on 0.02 is below half its spacing); compute stays in the
+    autocast dtype. Tied parameters stay tied (one new tensor set in every slot of the original). A shared parameter that
     requires grad (a teacher that is not frozen) is replaced by a frozen alias of the same storage, so no
     gradient ever reaches the teacher or the shared stage 1. Returns the owned names, as in
     ``model.named_parameters()``.
     """
     first = {id(p): (n, p) for n, p in model.named_parameters()}  # one (first) name per tensor, ties included
-    new = {pid: nn.Parameter(p.detach().clone(), requires_grad=True) if keep(n) else nn.Parameter(p.detach(), requires_grad=False)
+    new = {pid: nn.Parameter(_master(p, fp32_master), requires_grad=True) if keep(n) else nn.Parameter(p.detach(), requires_grad=False)
            for pid, (n, p) in first.items() if keep(n) or p.requires_grad}
     for module in model.modules():
         for key, p in module._parameters.items():
@@ -205,7 +212,7 @@ class ProbeBuilder:
             module.requires_grad_(False)  # shared by every probe: never trained through one
         model = assemble_student(self.teacher, list(probe.softmax_layers), self.stage1_modules, self.variant.name,
                                  self.variant.params, pm=self.pm)
-        owned = own_parameters(model, trains(self.trainable, probe.layer))
+        owned = own_parameters(model, trains(self.trainable, probe.layer), fp32_master=self.device.type == "cuda")
         return model.train(), owned
 
     def loop_config(self, steps: int, groups: list[dict[str, Any]]) -> LoopConfig:

@@ -162,3 +162,18 @@ def test_probes_waiting_on_disk_give_the_same_scores(tmp_path, data, monkeypatch
     assert parked["trajectory"] == ref["trajectory"] and parked["scores"] == ref["scores"]
     assert seen and all(seen_ok and empty and n_state == 0 for seen_ok, empty, n_state in seen)
     assert not (tmp_path / "ck" / "parked").exists()  # the scratch files go when the selection ends
+
+
+def test_owned_copies_of_16_bit_weights_are_fp32_masters_under_autocast():
+    from hybridize.selection.probes import own_parameters
+
+    model = tiny_model("llama", n_layer=2).to(torch.bfloat16)
+    names = own_parameters(model, lambda n: n.startswith("model.layers.1.self_attn."), fp32_master=True)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert names and all(dtypes[n] == torch.float32 for n in names)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in names)  # shared tensors keep theirs
+    p = torch.full((4,), 0.02, dtype=torch.bfloat16)  # why: a bf16 weight does not move at the probes' 7e-6
+    assert torch.equal(p - 7e-6, p) and not torch.equal(p.float() - 7e-6, p.float())
+    plain = tiny_model("llama", n_layer=2).to(torch.bfloat16)
+    kept = own_parameters(plain, lambda n: n.startswith("model.layers.1.self_attn."))  # CPU: no autocast, dtype kept
+    assert all(p.dtype == torch.bfloat16 for n, p in plain.named_parameters() if n in kept)
