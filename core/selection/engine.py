@@ -295,10 +295,11 @@ class SelectionEngine:
             self._save(runs, sampler, step, done)
             faults.kill_point("probe-window")
         bar.close()
-        if self._park_dir is not None:  # the scratch files of probe_offload: disk (hybridize's own)
-            import shutil
-
-            shutil.rmtree(self._park_dir, ignore_errors=True)
+        if self._park_dir is not None:  # the scratch files of probe_offload: disk, each one written here
+            for r in runs:
+                (self._park_dir / f"probe-{r.layer}.pt").unlink(missing_ok=True)
+            if not any(self._park_dir.iterdir()):
+                self._park_dir.rmdir()
             self._park_dir = None
         self.tokens["probes_total"] = self.tokens["probe_each"] * len(probes)
         self.n_probes = len(probes)
