@@ -14,9 +14,11 @@ A probe owns what it trains (``selection.probe_trainable``, see :func:`hybridize
 the rest is shared by reference with the teacher. With ``nproc`` ranks each holds ``ceil(n_probes / nproc)``.
 
 Activations are a rough formula: ``ACT_BYTES_PER_HIDDEN`` bytes per hidden unit per token per layer
-(``n_layers x hidden x micro_batch x seq_len x 34``, the usual count of a transformer layer's saved
+(``n_layers x hidden x tokens per forward x 34``, the usual count of a transformer layer's saved
 activations in 16-bit, Korthikanti et al. 2022, without the attention scores that flash attention does not
 keep), plus the chunked KL's fp32 logits of teacher and student (``kl_chunk_tokens x vocab x 4 x 2``).
+Tokens per forward: the larger of stage 2's (``micro_batch_size x data.seq_len``) and stage 1's
+(``stage1_micro_batch_size x stage1_seq_len``, :func:`hybridize.distill.batches.stage1_batch`).
 
 ``selection.probe_group_size: auto`` resolves to the largest group that fits in ``GPU_FRACTION`` of the GPU
 (at least 1; all probes when no GPU memory is known, e.g. on CPU). When even one probe does not fit, or the
@@ -85,6 +87,7 @@ class Plan:
     available: dict[str, int | None]  # gpu (the usable share), host, disk
     tokens: dict[str, int]
     seconds: dict[str, float] | None = None
+    activation_field: str = "distill.micro_batch_size"  # sets the larger tokens per forward (stage 1 or 2)
 
     def render(self) -> str:
         m, a = self.memory, self.available
@@ -187,9 +190,26 @@ def _available(device: Any, gpu: int | None, host: int | None, disk: int | None,
     return {"gpu": None if gpu is None else int(gpu * GPU_FRACTION), "host": host, "disk": disk}
 
 
+def forward_tokens(cfg: Any) -> dict[str, int]:
+    """Tokens per forward (one rank) of stage 2 (``micro_batch_size x data.seq_len``) and, when it runs, of stage 1."""
+    from hybridize.distill.batches import stage1_batch
+
+    d = cfg.distill
+    out = {"stage2": (d.micro_batch_size or d.batch_size) * cfg.data.seq_len}
+    if d.stage1_tokens:
+        out["stage1"] = stage1_batch(d, cfg.data.seq_len).tokens_per_forward
+    return out
+
+
+def _activation_field(cfg: Any) -> str:
+    """The field that sets the larger micro-batch of tokens (what to lower when activations do not fit)."""
+    t = forward_tokens(cfg)
+    return "distill.stage1_micro_batch_size" if t.get("stage1", 0) > t["stage2"] else "distill.micro_batch_size"
+
+
 def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, group: int) -> dict[str, int]:
     d = cfg.distill
-    tokens = (d.micro_batch_size or d.batch_size) * cfg.data.seq_len
+    tokens = max(forward_tokens(cfg).values())
     state = owned * nbytes * 3  # parameters + AdamW's two moments
     mem = {"teacher": counts.teacher * nbytes, "stage1": sum(counts.variant) * nbytes if per_rank else 0,
            "probes_gpu": group * (state + owned * nbytes),
@@ -223,7 +243,7 @@ def _refusal(plan: Plan, requested: Any) -> str | None:
                     f"{_gib(a['gpu'])} GiB are available ({GPU_FRACTION:.0%} of the GPU); lower "
                     "selection.probe_group_size or set it to auto")
         if m["activations"] >= m["probes_gpu"]:
-            fix = f"lower distill.micro_batch_size (activations {need('activations')} GiB)"
+            fix = f"lower {plan.activation_field} (activations {need('activations')} GiB)"
         return (f"one probe on the GPU needs {need('gpu_total')} GiB (teacher {need('teacher')}, stage-1 modules "
                 f"{need('stage1')}, probe {need('probes_gpu')}, activations {need('activations')}) but "
                 f"{_gib(a['gpu'])} GiB are available ({GPU_FRACTION:.0%} of the GPU); {fix}")
@@ -275,7 +295,8 @@ def plan_run(cfg: Any, pm: Any, *, nproc: int = 1, gpu_bytes: int | None = None,
     plan = Plan(device=str(device), dtype=str(dtype).removeprefix("torch."), nproc=nproc, n_probes=len(probes),
                 probes_per_rank=per_rank, group_size=group, probe_trainable=policy, probe_params=owned,
                 memory=_memory(counts, cfg, nbytes, owned, per_rank, group), available=available,
-                tokens=_tokens(cfg, len(probes)), seconds=_seconds(_tokens(cfg, len(probes)), throughput))
+                tokens=_tokens(cfg, len(probes)), seconds=_seconds(_tokens(cfg, len(probes)), throughput),
+                activation_field=_activation_field(cfg))
     problem = refusal(plan, cfg.selection.probe_group_size)
     if check and problem:
         raise ConfigError(problem)
