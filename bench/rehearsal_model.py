@@ -6,7 +6,7 @@ small real tokenizer (stories260K's, vocab 512: its ids are valid in every vocab
 ``hybridize run`` loads it like any local teacher.
 
 FLOP model (model FLOPs per token; MFU = FLOP/s / (peak x GPUs)). N_t = the teacher's matmul weights (every
-projection and the lm_head, embeddings not), N_body = N_t without the lm_head, N_s = a student's (the teacher's
+projection and the lm_head, not the input embedding; norms and biases, < 1%, counted in), N_body = N_t without the lm_head, N_s = a student's (the teacher's
 with each linear layer's attention weights replaced by its variant module's), N_mix = the weights of every
 linear layer's mixer, N_train = what a probe trains (``selection.probe_trainable``: all = N_s). Per token,
 with H query heads of size D, L layers, T the block length:

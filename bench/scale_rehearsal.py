@@ -15,7 +15,9 @@ reports per phase tokens/s, MFU, peak GPU / host memory and disk, and the H200-h
 Rates: ``e2e`` = the phase's tokens / wall time as result.json ``phases`` records them (warm-up, evaluations and
 checkpoints included); ``steady`` = between the first and the last OUT/metrics.jsonl line of the phase (steps or
 selection windows; the first step or window, with kernel autotuning, left out). The extrapolation uses steady
-rates (e2e where a phase has too few lines). GPU-hours = hours x GPUs. MFU = model FLOP/s / (989 TFLOP/s x
+rates (e2e where a phase has too few lines). A probe window here is short (``--probe-steps / --probe-windows``
+steps), so the held-out scoring of every probe (``--eval-blocks`` blocks per window) weighs more in the probe rate
+than in the paper's 10M-token windows: the probe hours are an upper bound. GPU-hours = hours x GPUs. MFU = model FLOP/s / (989 TFLOP/s x
 GPUs), the bf16 dense peak of H100 and H200 SXM; the FLOP model is in bench/rehearsal_model.py: teacher forward
 2 N_t, a trained student 6 N_s, a probe 4 N_s + 2 N_train (``selection.probe_trainable``), plus attention terms.
 
@@ -76,7 +78,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--probe-windows", type=int, default=2, help="evaluation windows per probe")
     ap.add_argument("--stage2-steps", type=int, default=4, help="stage-2 steps of the final hybrid")
     ap.add_argument("--indep-steps", type=int, default=4, help="stage-1 and stage-2 steps of the independent-probe measurement")
-    ap.add_argument("--eval-blocks", type=int, default=4, help="distill.eval_blocks (held-out blocks per evaluation)")
+    ap.add_argument("--eval-blocks", type=int, default=2, help="distill.eval_blocks: held-out blocks per evaluation (each "
+                    "probe's every window; few, so that scoring weighs about as little as in the paper's long windows)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for the run")
     ap.add_argument("--work", default="/tmp/hybridize-rehearsal", help="teacher and run directories (large)")
     ap.add_argument("--results", default=str(HERE.parent / "results"), help="where JSON, table, config and log go")
