@@ -286,7 +286,10 @@ def report(args: argparse.Namespace, record: dict[str, Any], stem: Path) -> None
         md += [f"GPU-hours of the paper's budgets ({h['n_probes']} probes x 200M, stage 1 100M, stage 2 600M):",
                pc.table(rows), ""]
     if "ratio_total" in h:
-        md.append(f"ours / independent: selection {h['ratio_selection']:.3f}, total {h['ratio_total']:.3f}")
+        md.append(f"ours / independent: selection {h['ratio_selection']:.3f}, total {h['ratio_total']:.3f} (GPU-hours)")
+    if record.get("result_tokens", {}).get("selection_cost_ratio"):
+        md.append(f"result.json selection_cost_ratio (tokens, vs independent_pipeline_equivalent): "
+                  f"{record['result_tokens']['selection_cost_ratio']:.3f}")
     if record.get("error"):
         md.append(f"run failed: {record['error']}")
     text = "\n".join(md)
@@ -316,7 +319,7 @@ def main() -> None:
     if worker_json(args, "build", stem) is None:
         sys.exit("building the teacher failed (see above)")
     fm = rm.flop_model(teacher_dir)
-    record: dict[str, Any] = {"args": vars(args), "gpus": args.nproc if gpu else 0, "device_name": device_name,
+    record: dict[str, Any] = {"args": vars(args), "gpus": args.nproc, "device_name": device_name,  # CPU: processes
                               "flop_model": {"n_t": fm.n_t, "n_body": fm.n_body, "n_mix": sum(fm.variant), "peak_flops": 989.4e12 if gpu else None}}
     rows, n_probes = [], fm.n_layers
     if {"stage1", "probes", "stage2"} & set(args.phases):

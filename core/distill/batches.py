@@ -62,7 +62,7 @@ def stage1_batch(cfg: Any, seq_len: int, world: int = 1) -> Stage1Batch:
     """
     s1 = stage1_seq_len(cfg, seq_len)
     batch = cfg.stage1_batch_size or cfg.batch_size
-    field = "stage1_batch_size" if cfg.stage1_batch_size else "batch_size (stage 1 uses it: stage1_batch_size is 0)"
+    field = "stage1_batch_size" if cfg.stage1_batch_size else "batch_size"  # stage1_batch_size 0: stage 1 takes batch_size
     if batch % world:
         raise ConfigError(f"distill field {field!r} must be divisible by the number of processes ({world}); got {batch}")
     local = batch // world

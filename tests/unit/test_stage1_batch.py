@@ -195,3 +195,15 @@ def test_result_json_records_the_wall_time_and_tokens_of_each_phase(tmp_path, fi
         (tokens["stage1"], tokens["probes"], tokens["stage2"])
     assert all(p["seconds"] > 0 for p in phases.values())
     assert sum(p["seconds"] for p in phases.values()) <= result["wall_seconds"] + 0.1
+
+
+def test_nproc_refuses_a_stage_1_batch_that_does_not_split_before_launching(tmp_path, files, capsys):
+    import yaml
+
+    from hybridize.cli import main
+
+    tree = base(files)
+    tree["distill"] = {**tree["distill"], "stage1_batch_size": 5}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["distill", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"), "--nproc", "2"]) == 2
+    assert "distill field 'stage1_batch_size' must be divisible by the number of processes (2); got 5" in capsys.readouterr().err
