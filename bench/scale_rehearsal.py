@@ -99,6 +99,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
     if args.probe_steps < args.probe_windows:
         ap.error("--probe-steps must be >= --probe-windows")
+    if not Path(args.data).is_file() or not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        ap.error(f"--data {args.data!r} (a text file) and --tokenizer {args.tokenizer!r} (a folder with tokenizer.json) must "
+                 "exist: by default they are looked for in ../shared, /work/shared and ./shared beside the checkout")
     return args
 
 
@@ -267,7 +270,9 @@ def worker_json(args: argparse.Namespace, kind: str, stem: Path) -> dict[str, An
     path = stem.with_name(f"{stem.name}.{kind}.json")
     path.unlink(missing_ok=True)
     rc = subprocess.run(worker_cmd(args, kind, path), env=child_env(args)).returncode
-    return json.loads(path.read_text()) if rc == 0 and path.exists() else None
+    got = json.loads(path.read_text()) if rc == 0 and path.exists() else None
+    path.unlink(missing_ok=True)  # the record holds it
+    return got
 
 
 def report(args: argparse.Namespace, record: dict[str, Any], stem: Path) -> None:

@@ -19,20 +19,20 @@ import scale_rehearsal as sr  # noqa: E402
 from rehearsal_monitor import Monitor, tree_rss  # noqa: E402
 
 TOKENIZER = Path(sr._shared("teachers", "stories260K"))
-needs_tokenizer = pytest.mark.skipif(not TOKENIZER.is_dir(), reason="needs ../shared/teachers/stories260K")
+DATA = Path(sr._shared("data", "tinystories_val.txt"))
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    if not TOKENIZER.is_dir():
-        pytest.skip("needs ../shared/teachers/stories260K")
+    if not TOKENIZER.is_dir() or not DATA.is_file():
+        pytest.skip("needs ../shared/teachers/stories260K and ../shared/data/tinystories_val.txt")
     return rm.build_teacher_dir("tiny", tmp_path_factory.mktemp("t") / "teacher", TOKENIZER, "cpu")
 
 
 def test_the_run_config_is_the_paper_recipe(teacher, pm):
     from hybridize.recipes.runconfig import run_config_from_dict
 
-    args = sr.parse(["--shape", "tiny", "--device", "cpu", "--data", str(TOKENIZER / "tokenizer.json")])
+    args = sr.parse(["--shape", "tiny", "--device", "cpu"])
     cfg = run_config_from_dict(sr.run_config(args, teacher, 4), pm=pm)
     d, s = cfg.distill, cfg.selection
     assert (s.selector.name, s.scorer.name, s.stop.name, cfg.linear_attention.name, cfg.softmax_layers) == \
