@@ -86,7 +86,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tag", default=None, help="results name suffix (default: GPU name or cpu, and np<N>)")
     ap.add_argument("--data", default=_shared("data", "tinystories_val.txt"))
     ap.add_argument("--tokenizer", default=_shared("teachers", "stories260K"))
-    ap.add_argument("--timeout", type=int, default=560, help="seconds the run may take before it is killed")
+    ap.add_argument("--timeout", type=int, default=400, help="seconds the run may take before it is killed (the teacher build "
+                    "and the independent-probe measurement come on top: keep the whole under a 10-minute call)")
     ap.add_argument("--worker", choices=["build", "indep"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
