@@ -205,6 +205,10 @@ def _relaunch(args: argparse.Namespace, cfg: Any) -> int:
     launcher.check_nproc(args.nproc, cfg.device)
     d = cfg.distill
     distributed.check_batch(d.batch_size, d.micro_batch_size or d.batch_size, distributed.Dist(world=args.nproc))
+    if d.stage1_tokens:  # stage 1's own batch splits over the ranks too
+        from hybridize.distill.batches import stage1_batch
+
+        stage1_batch(d, cfg.data.seq_len, args.nproc)
     check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, inputs=run_inputs(cfg))
     return launcher.launch(launcher.strip_nproc(args.argv), args.nproc)
 

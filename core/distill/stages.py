@@ -7,6 +7,7 @@ Stage 2 distils the whole student to the teacher's next-token distribution with 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import attrs
 import torch
 from torch import nn
 
+from hybridize.distill.batches import stage1_batch, stage_blocks
 from hybridize.training.data import PackedData
 from hybridize.errors import ConfigError
 from hybridize.linear import LinearAttention
@@ -34,6 +36,12 @@ class DistillConfig:
         batch_size: blocks per optimizer step; micro_batch_size: blocks per forward (0 = batch_size).
         stage1_seq_len: block length in stage 1; must divide data.seq_len. 0 = the paper's 512 when
             data.seq_len is a larger multiple of it, else data.seq_len.
+        stage1_batch_size: stage-1 blocks (of stage1_seq_len) per optimizer step; 0 = batch_size. The
+            paper's is 96 (x 512 tokens).
+        stage1_micro_batch_size: stage-1 blocks per forward (per rank); must divide stage1_batch_size.
+            0 = auto: stage 2's tokens per forward (micro_batch_size x data.seq_len / stage1_seq_len),
+            capped at the (per-rank) stage-1 batch and lowered to a divisor of it
+            (:func:`hybridize.distill.batches.stage1_batch`).
         stage1_lr: stage-1 peak lr (cosine). stage2_lr_attn / stage2_lr_other: stage-2 lr of attention
             parameters (linear and softmax) / of everything else. stage3_lr: stage-3 lr.
         eval_every: steps between held-out evaluations (0 = about 10 per stage).
@@ -53,6 +61,8 @@ class DistillConfig:
     batch_size: int = attrs.field(default=16, validator=gt0)
     micro_batch_size: int = attrs.field(default=0, validator=ge0)
     stage1_seq_len: int = attrs.field(default=0, validator=ge0)
+    stage1_batch_size: int = attrs.field(default=0, validator=ge0)
+    stage1_micro_batch_size: int = attrs.field(default=0, validator=ge0)
     stage1_lr: float = attrs.field(default=1e-3, validator=gt0)
     stage2_lr_attn: float = attrs.field(default=1e-4, validator=gt0)
     stage2_lr_other: float = attrs.field(default=7e-6, validator=gt0)
@@ -69,11 +79,16 @@ class DistillConfig:
     parallel: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "ddp", "fsdp")))
 
     def __attrs_post_init__(self) -> None:
-        micro = self.micro_batch_size or self.batch_size
-        if self.batch_size % micro:
-            raise ConfigError(
-                f"distill field 'micro_batch_size' must divide batch_size={self.batch_size}; got {self.micro_batch_size}"
-            )
+        problems = []
+        if self.batch_size % (self.micro_batch_size or self.batch_size):
+            problems.append(f"distill field 'micro_batch_size' must divide batch_size={self.batch_size}; got {self.micro_batch_size}")
+        s1_batch = self.stage1_batch_size or self.batch_size
+        if self.stage1_micro_batch_size and s1_batch % self.stage1_micro_batch_size:
+            which = "stage1_batch_size" if self.stage1_batch_size else "stage1_batch_size (0: batch_size)"
+            problems.append(f"distill field 'stage1_micro_batch_size' must divide {which}={s1_batch}; "
+                            f"got {self.stage1_micro_batch_size} (0 = auto)")
+        if problems:
+            raise ConfigError(problems)
 
 
 def linear_modules(model: nn.Module) -> dict[int, LinearAttention]:
@@ -192,20 +207,13 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
 
-def stage_blocks(blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Re-cut (N, T) blocks into (N*T/seq_len, seq_len) for a stage with shorter sequences."""
-    T = blocks.shape[1]
-    if not seq_len or seq_len == T:
-        return blocks
-    if T % seq_len:
-        raise ConfigError(f"distill field 'stage1_seq_len' must divide data.seq_len={T}; got {seq_len}")
-    return blocks.reshape(-1, seq_len)
-
-
-def _loop_config(cfg: DistillConfig, tokens: int, seq_len: int, lr: float | list[float], seed: int) -> LoopConfig:
-    steps = math.ceil(tokens / (cfg.batch_size * seq_len))
+def _loop_config(cfg: DistillConfig, tokens: int, seq_len: int, lr: float | list[float], seed: int,
+                 batch: tuple[int, int] | None = None) -> LoopConfig:
+    """The loop of one stage; ``batch`` = (blocks per step, blocks per forward), default stage 2's."""
+    batch_size, micro = batch or (cfg.batch_size, cfg.micro_batch_size or cfg.batch_size)
+    steps = math.ceil(tokens / (batch_size * seq_len))
     return LoopConfig(
-        steps=steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size or cfg.batch_size, lr=lr,
+        steps=steps, batch_size=batch_size, micro_batch_size=micro, lr=lr,
         betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
         warmup_steps=round(cfg.warmup_fraction * steps), min_lr_ratio=cfg.min_lr_ratio,
         eval_every=cfg.eval_every or max(1, steps // 10), checkpoint_every=cfg.checkpoint_every, seed=seed,
@@ -226,6 +234,8 @@ class Distiller:
         on_step: observer called with (stage, step, tokens, metrics) after every step.
         dist: this process's place in a multi-process job (:class:`hybridize.training.parallel.Dist`):
             the stages run data parallel (DDP, or FSDP2 for stages 2-3, see ``DistillConfig.parallel``).
+        phases: filled as the stages run: stage -> ``seconds`` (wall time of its loop) and ``tokens`` (trained
+            in this process: after a resume, only those since the resume).
     """
 
     teacher: nn.Module
@@ -241,6 +251,7 @@ class Distiller:
     evaluator: HeldoutEvaluator | None = None
     dist: Any = None
     parallel_used: str = "none"  # ddp / fsdp once a stage ran on several ranks
+    phases: dict[str, dict[str, float]] = attrs.field(factory=dict)  # stage -> seconds, tokens of this process
     _shards: Any = None
 
     def __attrs_post_init__(self) -> None:
@@ -249,8 +260,9 @@ class Distiller:
             chunk=self.cfg.kl_chunk_tokens, device=self.device,
         )
 
-    def _loop(self, name: str, model: nn.Module, groups: list, lr: Any, loss_fn: Any, blocks: torch.Tensor, tokens: int, evaluate: Any) -> Loop:
-        cfg = _loop_config(self.cfg, tokens, blocks.shape[1], lr, self.seed)
+    def _loop(self, name: str, model: nn.Module, groups: list, lr: Any, loss_fn: Any, blocks: torch.Tensor, tokens: int,
+              evaluate: Any, batch: tuple[int, int] | None = None) -> Loop:
+        cfg = _loop_config(self.cfg, tokens, blocks.shape[1], lr, self.seed, batch)
         ckpt = self.ckpt_dir / f"{name}.pt" if self.ckpt_dir else None
         hook = (lambda s, t, m: self.on_step(name, s, t, m)) if self.on_step else None
         loop = Loop(name=name, model=model, param_groups=groups, loss_fn=loss_fn, blocks=blocks, cfg=cfg,
@@ -258,6 +270,13 @@ class Distiller:
                     dist=self.dist, root=self._shards.root if self._shards is not None else None)
         loop.try_resume()
         return loop
+
+    def _timed(self, name: str, loop: Loop) -> list[dict]:
+        """``loop.run()``, its wall time and the tokens it trained in this process recorded in ``self.phases[name]``."""
+        t0, tok0 = time.perf_counter(), loop.tokens  # after a resume: only what this process does
+        hist = loop.run()
+        self.phases[name] = {"seconds": time.perf_counter() - t0, "tokens": loop.tokens - tok0}
+        return hist
 
     def stage1(self, student: nn.Module) -> list[dict]:
         """Align every linear layer of ``student`` to its teacher layer, all in one pass."""
@@ -267,15 +286,15 @@ class Distiller:
         student.requires_grad_(False)
         nn.ModuleList(modules.values()).requires_grad_(True)
         params = [p for m in modules.values() for p in m.parameters()]
-        T = self.data.seq_len
-        blocks = stage_blocks(self.data.train, self.cfg.stage1_seq_len or (512 if T > 512 and T % 512 == 0 else T))
+        shape = stage1_batch(self.cfg, self.data.seq_len, self.dist.world if self.dist is not None else 1)
+        blocks = stage_blocks(self.data.train, shape.seq_len)
 
         def loss_fn(ids: torch.Tensor) -> torch.Tensor:
             return torch.stack(list(alignment_losses(self.teacher, modules, ids).values())).mean()
 
-        loop = self._loop("stage1", student, [{"params": params}], self.cfg.stage1_lr, loss_fn, blocks,
-                          self.cfg.stage1_tokens, lambda: self._eval(student))
-        hist = loop.run()
+        loop = self._loop("stage1", student, [{"params": params}], self.cfg.stage1_lr, loss_fn, blocks, self.cfg.stage1_tokens,
+                          lambda: self._eval(student), batch=(shape.batch_size, shape.micro_batch_size))
+        hist = self._timed("stage1", loop)
         student.requires_grad_(True)
         self.tokens["stage1"] = loop.tokens
         self.tokens["teacher_forward"] += loop.tokens
@@ -321,7 +340,7 @@ class Distiller:
         loss_fn = lambda ids: stage2_loss(self.teacher, student, ids, self.cfg.temperature, self.cfg.kl_chunk_tokens)  # noqa: E731
         loop = self._loop("stage2", student, [g for g, _ in keep], [lr for _, lr in keep], loss_fn, self.data.train,
                           self.cfg.stage2_tokens, lambda: self._eval(student))
-        hist = loop.run()
+        hist = self._timed("stage2", loop)
         self.tokens["stage2"] = loop.tokens
         self.tokens["teacher_forward"] += loop.tokens
         return hist
@@ -334,7 +353,7 @@ class Distiller:
         loss_fn = lambda ids: stage3_loss(student, ids, self.cfg.kl_chunk_tokens)  # noqa: E731
         loop = self._loop("stage3", student, [{"params": [p for p in student.parameters()]}], self.cfg.stage3_lr,
                           loss_fn, self.data.train, self.cfg.stage3_tokens, lambda: self._eval(student))
-        hist = loop.run()
+        hist = self._timed("stage3", loop)
         self.tokens["stage3"] = loop.tokens
         return hist
 

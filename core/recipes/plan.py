@@ -17,9 +17,11 @@ A probe owns what it trains (``selection.probe_trainable``, see :func:`hybridize
 the rest is shared by reference with the teacher. With ``nproc`` ranks each holds ``ceil(n_probes / nproc)``.
 
 Activations are a rough formula: ``ACT_BYTES_PER_HIDDEN`` bytes per hidden unit per token per layer
-(``n_layers x hidden x micro_batch x seq_len x 34``, the usual count of a transformer layer's saved
+(``n_layers x hidden x tokens per forward x 34``, the usual count of a transformer layer's saved
 activations in 16-bit, Korthikanti et al. 2022, without the attention scores that flash attention does not
 keep), plus the chunked KL's fp32 logits of teacher and student (``kl_chunk_tokens x vocab x 4 x 2``).
+Tokens per forward: the larger of stage 2's (``micro_batch_size x data.seq_len``) and stage 1's
+(``stage1_micro_batch_size x stage1_seq_len``, :func:`hybridize.distill.batches.stage1_batch`).
 
 ``selection.probe_group_size: auto`` resolves to the largest group that fits in ``GPU_FRACTION`` of the GPU
 (at least 1; all probes when no GPU memory is known, e.g. on CPU). When even one probe does not fit, or the
@@ -100,6 +102,7 @@ class Plan:
     available: dict[str, int | None]  # gpu (the usable share), host, disk
     tokens: dict[str, int]
     seconds: dict[str, float] | None = None
+    activation_field: str = "distill.micro_batch_size"  # sets the larger tokens per forward (stage 1 or 2)
 
     def render(self) -> str:
         m, a = self.memory, self.available
@@ -203,6 +206,23 @@ def _available(device: Any, gpu: int | None, host: int | None, disk: int | None,
     return {"gpu": None if gpu is None else int(gpu * GPU_FRACTION), "host": host, "disk": disk}
 
 
+def forward_tokens(cfg: Any) -> dict[str, int]:
+    """Tokens per forward (one rank) of stage 2 (``micro_batch_size x data.seq_len``) and, when it runs, of stage 1."""
+    from hybridize.distill.batches import stage1_batch
+
+    d = cfg.distill
+    out = {"stage2": (d.micro_batch_size or d.batch_size) * cfg.data.seq_len}
+    if d.stage1_tokens:
+        out["stage1"] = stage1_batch(d, cfg.data.seq_len).tokens_per_forward
+    return out
+
+
+def _activation_field(cfg: Any) -> str:
+    """The field that sets the larger micro-batch of tokens (what to lower when activations do not fit)."""
+    t = forward_tokens(cfg)
+    return "distill.stage1_micro_batch_size" if t.get("stage1", 0) > t["stage2"] else "distill.micro_batch_size"
+
+
 def _mem_available() -> int:
     """The host memory a run can still take: MemAvailable of /proc/meminfo, else the physical RAM."""
     try:
@@ -219,20 +239,24 @@ def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, gr
     """Bytes per device (selection phase, final stage 2), on the host and on disk (host and disk: the machine's,
     all ranks together)."""
     d = cfg.distill
-    tokens = (d.micro_batch_size or d.batch_size) * cfg.data.seq_len
+    tokens = max(forward_tokens(cfg).values())
     obytes = obytes or nbytes  # a probe's owned tensors: fp32 master copies of 16-bit weights on CUDA
     state = owned * obytes * 3  # parameters + AdamW's two moments
     student = counts.student(cfg.softmax_layers)
     trained = student * nbytes * 4  # parameters, gradients, AdamW's two moments
     sharded = trained // nproc if nproc > 1 and d.parallel == "fsdp" else trained
+    def activations(n: int) -> int:
+        return len(counts.attention) * counts.hidden * n * ACT_BYTES_PER_HIDDEN + min(d.kl_chunk_tokens, n) * counts.vocab * 4 * 2
+
     mem = {"teacher": counts.teacher * nbytes, "stage1": sum(counts.variant) * nbytes if per_rank else 0,
            "probes_gpu": group * (state + owned * obytes),  # + gradients
-           "activations": (len(counts.attention) * counts.hidden * tokens * ACT_BYTES_PER_HIDDEN
-                           + min(d.kl_chunk_tokens, tokens) * counts.vocab * 4 * 2),
+           "activations": activations(tokens),
            "host": nproc * (per_rank - group) * state,
            "disk": nproc * per_rank * state + (student * nbytes * 4 if d.stage2_tokens or d.stage3_tokens else 0)}
     mem["selection_total"] = sum(mem[k] for k in ("teacher", "stage1", "probes_gpu", "activations")) if per_rank else 0
-    mem["stage2"] = (counts.teacher * nbytes + sharded + mem["activations"]) if d.stage2_tokens or d.stage3_tokens else 0
+    final = d.stage2_tokens or d.stage3_tokens
+    mem["stage2_activations"] = activations(forward_tokens(cfg)["stage2"]) if final else 0
+    mem["stage2"] = (counts.teacher * nbytes + sharded + mem["stage2_activations"]) if final else 0
     mem["gpu_total"] = max(mem["selection_total"], mem["stage2"])
     return mem
 
@@ -260,12 +284,12 @@ def _refusal(plan: Plan, requested: Any) -> str | None:
             return (f"selection.probe_group_size {requested} needs {need('selection_total')} GiB of GPU memory but "
                     f"{gpu}; lower selection.probe_group_size or set it to auto")
         if m["activations"] >= m["probes_gpu"]:
-            fix = f"lower distill.micro_batch_size (activations {need('activations')} GiB)"
+            fix = f"lower {plan.activation_field} (activations {need('activations')} GiB)"
         return (f"one probe on the GPU needs {need('selection_total')} GiB (teacher {need('teacher')}, stage-1 modules "
                 f"{need('stage1')}, probe {need('probes_gpu')}, activations {need('activations')}) but {gpu}; {fix}")
     if gpu and m["stage2"] > a["gpu"]:
         return (f"the final hybrid's stage 2 needs {need('stage2')} GiB per GPU (teacher {need('teacher')}, activations "
-                f"{need('activations')}, the student with gradients and AdamW the rest) but {gpu}; lower "
+                f"{need('stage2_activations')}, the student with gradients and AdamW the rest) but {gpu}; lower "
                 "distill.micro_batch_size, or spread it with --nproc and distill.parallel: fsdp")
     if a["host"] is not None and m["host"] > a["host"]:
         return (f"the {plan.nproc * (plan.probes_per_rank - plan.group_size)} probes off the GPU need {need('host')} GiB "
@@ -322,7 +346,7 @@ def plan_run(cfg: Any, pm: Any, *, nproc: int = 1, gpu_bytes: int | None = None,
         memory = {**memory, "disk": memory["disk"] + memory["host"], "host": 0}
     plan = Plan(device=str(device), dtype=str(dtype).removeprefix("torch."), nproc=nproc, n_probes=len(probes),
                 probes_per_rank=per_rank, group_size=group, probe_trainable=policy, probe_params=owned,
-                offload=offload, memory=memory, available=available,
+                offload=offload, memory=memory, available=available, activation_field=_activation_field(cfg),
                 tokens=_tokens(cfg, len(probes)), seconds=_seconds(_tokens(cfg, len(probes)), throughput))
     problem = refusal(plan, cfg.selection.probe_group_size)
     if check and problem:

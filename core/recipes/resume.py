@@ -32,6 +32,9 @@ _LATER = {"stage1": ("stage2.pt", "stage3.pt", "probes*.pt"), "stage2": ("stage3
 #: distill keys that the probes read (the lrs only when selection.probe_lr_* is 0)
 _PROBE_READS = {"distill.stage2_lr_attn": "probe_lr_attn", "distill.stage2_lr_other": "probe_lr_other",
                 "distill.eval_blocks": None}
+#: keys added after runs were recorded, with the default that reproduces the older behaviour: a saved config
+#: that lacks one and a current one that holds this default are the same run
+_ADDED_DEFAULTS = {"distill.stage1_batch_size": 0, "distill.stage1_micro_batch_size": 0}
 _ALLOWED = "only learning rates, evaluators, distill.eval_every / eval_blocks and raised stage budgets can"
 
 
@@ -92,7 +95,8 @@ def check_resume_config(out: Path, config: dict[str, Any], *, teacher: str | Non
         _write_json(path, current)
         return []
     saved = json.loads(path.read_text())
-    keys = diff_keys(saved, current)
+    keys = [k for k in diff_keys(saved, current)
+            if not (k in _ADDED_DEFAULTS and _get(saved, k) is None and _get(current, k) == _ADDED_DEFAULTS[k])]
     refused = [why for k in keys if (why := (_why_not(k, _get(saved, k), _get(current, k), saved, out)
                                              if not finished_rows else k))]
     if refused:

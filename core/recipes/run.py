@@ -19,7 +19,7 @@ from hybridize.recipes.outputs import MetricsLog, check_resume_config, finish_ru
 from hybridize.recipes.rundir import run_inputs
 from hybridize.recipes.runconfig import RunConfig
 from hybridize.recipes.steps import (NO_SELECTION_TOKENS, evaluate_hybrid, final_hybrid, observe_steps, observe_windows,
-                                     run_tokens, select)
+                                     run_phases, run_tokens, select)
 from hybridize.selection.fanout import probes_per_rank
 from hybridize.training.devices import resolve_device  # noqa: F401 - its home is training.devices
 
@@ -138,7 +138,7 @@ def _distill(cfg: RunConfig, out: str | Path, par: distributed.Dist, pm: Any, *,
         "config": cfg.to_dict(),
         "plugins": pm.versions(),
         "device": str(device),
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "phases": run_phases(0.0, None, distiller),
         **({"distributed": _dist_record(par, 0, distiller)} if par.active else {}),
     }
     _evaluate(cfg, pm, result, student, teacher, data, device, progress)
@@ -197,7 +197,9 @@ def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, pm: Any, *, res
     k = checked.k(cfg.softmax_layers)
     log = MetricsLog(out, resume=resume)
     probe_variant = cfg.selection.linear_attention or cfg.linear_attention
+    t_sel = time.perf_counter()
     engine, selection = _select(cfg, teacher, checked.data, par, pm, log, out, k, probe_variant, progress)
+    t_sel = time.perf_counter() - t_sel
     faults.kill_point("selection-done")
     shared = engine is not None and bool(engine.stage1_modules) and probe_variant == cfg.linear_attention
     try:
@@ -214,6 +216,7 @@ def _run(cfg: RunConfig, out: str | Path, par: distributed.Dist, pm: Any, *, res
     faults.kill_point("save-result")
     result = _run_result(cfg, pm, par, selection, report, distiller, k=k, probe_variant=probe_variant if engine is not None else None,
                          shared=shared, seconds=time.perf_counter() - t0)
+    result["phases"] = run_phases(t_sel, engine, distiller)
     _evaluate(cfg, pm, result, student, teacher, checked.data, par.device, progress)
     write_json(out / "result.json", result)
     _run_plots(cfg, selection, report, out, k, probe_variant if engine is not None else None)

@@ -168,6 +168,27 @@ def row_tokens(sel_tok: dict[str, Any]) -> dict[str, Any]:
             "compute": t["compute"], "compute_beyond_stage1": t["compute_beyond_stage1"]}
 
 
+def run_phases(selection_seconds: float, engine: Any, distiller: Any) -> dict[str, dict[str, float]]:
+    """``result.json`` ``phases``: wall seconds and tokens of each phase as this process ran it.
+
+    ``stage1``: the selection's shared stage 1 (or the final hybrid's own when there is no selection);
+    ``probes``: the rest of the selection's wall time (probe training, teacher passes, scoring, window
+    checkpoints) with every probe's tokens; ``stage2`` / ``stage3`` of the final hybrid (``final_stage1``
+    when it ran a stage 1 of its own after a selection's). A phase finished before a ``--resume`` is absent,
+    and the stage timings count only the tokens trained since the resume.
+    """
+    phases: dict[str, dict[str, float]] = {}
+    if engine is not None:
+        s1 = engine.distiller.phases.get("stage1")
+        if s1:
+            phases["stage1"] = dict(s1)
+        phases["probes"] = {"seconds": max(0.0, selection_seconds - (s1 or {}).get("seconds", 0.0)),
+                            "tokens": engine.tokens["probes_total"]}
+    for name, rec in distiller.phases.items():
+        phases["final_stage1" if name == "stage1" and "stage1" in phases else name] = dict(rec)
+    return {k: {"seconds": round(v["seconds"], 3), "tokens": int(v["tokens"])} for k, v in phases.items()}
+
+
 def final_tokens(report: dict[str, Any]) -> int:
     """Stage-2 plus stage-3 tokens of a final distillation."""
     return report["tokens"]["stage2"] + report["tokens"]["stage3"]

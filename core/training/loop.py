@@ -332,15 +332,16 @@ class Loop:
     def _one_step(self) -> float:
         idx = self.sampler.next_indices()  # the global batch; this rank takes its share
         parts = list(shard_batch(idx, self.par).split(self._micro))
-        total = 0.0
+        acc = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        total = torch.zeros((), dtype=acc, device=self.device)
         for i, part in enumerate(parts):
             batch = self.blocks[part].to(self.device, non_blocking=True)
             with self._grad_sync(i == len(parts) - 1):
                 with autocast_for(self.device):
                     loss = self._loss(batch) / len(parts)
                 loss.backward()
-            total += float(loss.detach())
-        total = self.par.mean(total)
+            total += loss.detach().to(acc)  # on the device: one host sync per step, not per micro-batch
+        total = self.par.mean(float(total))
         self.opt.guard(total, self.name, self.step + 1)
         self.opt.step()
         self.step += 1

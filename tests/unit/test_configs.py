@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hybridize.distill.batches import stage1_batch
 from hybridize.recipes.compare import compare_config_from_dict
 from hybridize.recipes.runconfig import load_run_config, run_config_from_dict
 
@@ -31,4 +32,6 @@ def test_paper_configs_follow_the_paper():
         d = base.distill
         assert (d.stage1_tokens, d.stage1_seq_len, base.data.seq_len, d.stage2_tokens) == (100_000_000, 512, 4096, 600_000_000)
         assert (d.stage1_lr, d.stage2_lr_attn, d.stage2_lr_other) == (1e-3, 1e-4, 7e-6)
+        s1 = stage1_batch(d, base.data.seq_len)
+        assert (s1.batch_size, s1.seq_len, s1.micro_batch_size) == (96, 512, 16)  # 96 x 512 per step, 2 x 4096 per forward
         assert base.softmax_layers == 0.25 and round(0.25 * n_layers) in (7, 9)

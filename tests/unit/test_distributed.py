@@ -237,13 +237,13 @@ FINAL = DistillConfig(stage1_tokens=128, stage2_tokens=256, batch_size=4, micro_
                       stage1_lr=3e-3, stage2_lr_attn=3e-3, stage2_lr_other=1e-3, checkpoint_every=2)
 
 
-def _distil(par, data, parallel="ddp", ckpt=None):
+def _distil(par, data, parallel="ddp", ckpt=None, **distill):
     import attrs
 
     teacher = tiny_model("llama", n_layer=3, seed=2)
     torch.manual_seed(0)  # the linear layers' fresh parameters, as `hybridize distill` seeds them
     student = build_student(teacher, [1], "gdn", {}, pm=get_plugin_manager())
-    d = Distiller(teacher=teacher, data=data, cfg=attrs.evolve(FINAL, parallel=parallel), device=torch.device("cpu"),
+    d = Distiller(teacher=teacher, data=data, cfg=attrs.evolve(FINAL, parallel=parallel, **distill), device=torch.device("cpu"),
                   ckpt_dir=ckpt, seed=0, progress=False, dist=par)
     report = d.run(student)
     weights = {n: p.detach().clone() for n, p in student.state_dict().items()}
@@ -266,6 +266,18 @@ def test_ddp_distillation_equals_one_process_with_the_same_global_batch(tmp_path
     _assert_close_run(two[0], two[1])
     _assert_close_run(one, two[0])
     assert (tmp_path / "ddp" / "stage2.pt").exists()
+
+
+def test_ddp_stage_1_with_its_own_batch_equals_one_process(tmp_path, data):
+    """distill.stage1_batch_size 8 of 8-token blocks, auto micro-batch (2 blocks per rank and forward), 2 ranks."""
+    s1 = {"stage1_batch_size": 8, "stage1_seq_len": 8, "stage1_tokens": 192, "stage2_tokens": 0}
+    one = _distil(None, data, **s1)
+    two = run_ranks(tmp_path, _distil, data=data, ckpt=tmp_path / "s1", **s1)
+    assert one["tokens"]["stage1"] == two[0]["tokens"]["stage1"] == 3 * 8 * 8
+    for n in one["weights"]:
+        torch.testing.assert_close(one["weights"][n], two[0]["weights"][n], rtol=1e-4, atol=1e-5, msg=n)
+        assert torch.equal(two[0]["weights"][n], two[1]["weights"][n]), n
+    assert math.isclose(one["metrics"]["heldout_kl_after_stage1"], two[0]["metrics"]["heldout_kl_after_stage1"], rel_tol=1e-4)
 
 
 def test_fsdp2_distillation_on_gloo_equals_one_process_and_resumes(tmp_path, data):
