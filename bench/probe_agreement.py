@@ -15,7 +15,12 @@ Compared: Spearman rank correlation of the layer scores and top-K Jaccard of ``m
 split is hybridize's (held-out fraction 0.05, split seed 0) for every seed; the seed sets stage 1's
 initialisation and the order of the training blocks. One torch thread.
 
-    python bench/probe_agreement.py --out bench/results/probe_agreement.json          # ~20 min, 2-core CPU
+    python bench/probe_agreement.py --teachers stories260K --probe-tokens 32768 --stage1-tokens 200000 \
+        --eval-blocks 32 --out bench/results/probe_agreement_stories260k.json          # ~5 min, one CPU thread
+    python bench/probe_agreement.py --teachers tiny12 --probe-tokens 20480 --stage1-tokens 100000 \
+        --eval-blocks 24 --out bench/results/probe_agreement_tiny12.json               # ~10 min (needs train_tiny_teacher.py)
+    python bench/probe_agreement.py --merge bench/results/probe_agreement_stories260k.json \
+        bench/results/probe_agreement_tiny12.json --out bench/results/probe_agreement.json --plot docs/probe_agreement.png
     python bench/probe_agreement.py --seeds 0 --probe-tokens 8192 --stage1-tokens 8192 \\
         --teachers stories260K --out /tmp/pa.json                                     # smoke test
 """
