@@ -177,24 +177,25 @@ QWEN25_3B = dict(vocab_size=151_936, hidden_size=2048, intermediate_size=11_008,
 
 
 def memory_per_probe(n_probes_host: int = 36) -> dict[str, Any]:
-    """What one GDN probe owns at Qwen2.5-3B shape under each policy (meta-device counts, bf16): parameters,
-    GiB on the GPU while training (parameters, gradients, AdamW's two moments) and GiB waiting off the GPU
-    (parameters + moments, as :mod:`hybridize.recipes.plan` counts), and that for all 36 probes."""
+    """What one GDN probe owns at Qwen2.5-3B shape under each policy (meta-device counts; a bf16 teacher whose
+    probes own fp32 master copies on CUDA, 4 bytes): parameters, GiB on the GPU while training (parameters,
+    gradients, AdamW's two moments) and GiB waiting off the GPU (parameters + moments, as
+    :mod:`hybridize.recipes.plan` counts), and that for all 36 probes."""
     from transformers import Qwen2Config
 
     from hybridize.recipes.plan import GIB, count_params
 
     counts = count_params(Qwen2Config(**QWEN25_3B), ComponentRef(name="gdn"), get_plugin_manager())
-    out: dict[str, Any] = {"shape": "Qwen2.5-3B", "teacher_params": counts.teacher, "bytes_per_param": 2}
+    out: dict[str, Any] = {"shape": "Qwen2.5-3B", "teacher_params": counts.teacher, "bytes_per_param": 4}
     for policy in POLICIES:
         owned = max(counts.probe_params(policy, l) for l in range(len(counts.attention)))
-        out[policy] = {"params": owned, "gpu_gib": owned * 2 * 4 / GIB, "waiting_gib": owned * 2 * 3 / GIB,
-                       f"waiting_{n_probes_host}_probes_gib": n_probes_host * owned * 2 * 3 / GIB}
+        out[policy] = {"params": owned, "gpu_gib": owned * 4 * 4 / GIB, "waiting_gib": owned * 4 * 3 / GIB,
+                       f"waiting_{n_probes_host}_probes_gib": n_probes_host * owned * 4 * 3 / GIB}
     return out
 
 
 def memory_table(mem: dict[str, Any]) -> str:
-    rows = ["| policy | params per probe | GiB per probe on the GPU (bf16: params + grads + AdamW) | GiB per waiting probe | 36 probes waiting |",
+    rows = ["| policy | params per probe | GiB per probe on the GPU (fp32 masters: params + grads + AdamW) | GiB per waiting probe | 36 probes waiting |",
             "|---|---|---|---|---|"]
     for p in POLICIES:
         m = mem[p]

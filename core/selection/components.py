@@ -67,7 +67,7 @@ class SelectionConfig:
     probe_lr_attn: float = attrs.field(default=0.0, validator=ge0)
     probe_lr_other: float = attrs.field(default=0.0, validator=ge0)
     probe_group_size: int | Literal["auto"] = attrs.field(default="auto", validator=_group_size)
-    probe_trainable: str = attrs.field(default="all", validator=attrs.validators.in_(PROBE_TRAINABLE))
+    probe_trainable: str = attrs.field(default="mixers", validator=attrs.validators.in_(PROBE_TRAINABLE))
     probe_offload: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "host", "disk")))
     nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
 

@@ -46,7 +46,7 @@ def test_counts_match_a_built_student(files, pm, policy):
 def test_auto_group_shrinks_with_the_gpu(files, pm):
     from hybridize.recipes.plan import plan_run
 
-    cfg = run_config(probe_cfg(files), pm)
+    cfg = with_policy(run_config(probe_cfg(files), pm), "all")  # a probe the size of the student: stage 2 fits too
     whole = plan_run(cfg, pm, gpu_bytes=GIB, device="cpu")
     assert whole.n_probes == 4 and whole.group_size == 4
     one = whole.memory["probes_gpu"] // whole.group_size
