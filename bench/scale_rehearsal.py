@@ -88,7 +88,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokenizer", default=_shared("teachers", "stories260K"))
     ap.add_argument("--timeout", type=int, default=400, help="seconds the run may take before it is killed (the teacher build "
                     "and the independent-probe measurement come on top: keep the whole under a 10-minute call)")
-    ap.add_argument("--worker", choices=["build", "indep"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["build", "indep", "plan"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     tiny = args.shape == "tiny"
@@ -189,6 +189,37 @@ def independent(args: argparse.Namespace, teacher_dir: Path) -> dict[str, Any]:
     return out
 
 
+# -- the memory plan (a worker process: its CUDA context is gone before the run starts) ----------------------------
+def plan_of(args: argparse.Namespace, cfg_path: Path) -> dict[str, Any]:
+    """What ``hybridize run --dry-run`` would plan for the run: bytes per device (selection, final stage 2), host,
+    disk, the group size and where waiting probes go (hybridize.recipes.plan at the run's overrides)."""
+    from hybridize.recipes.plan import plan_run
+    from hybridize.recipes.runconfig import load_run_config
+    from hybridize.registry.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    cfg = load_run_config(cfg_path, overrides(args, "probes" in args.phases), pm=pm)
+    plan = plan_run(cfg, pm, nproc=args.nproc, device=pc.resolve(args.device), check=False)
+    return {"memory_gib": {k: v / 2 ** 30 for k, v in plan.memory.items()},
+            "available_gib": {k: None if v is None else v / 2 ** 30 for k, v in plan.available.items()},
+            "group_size": plan.group_size, "probes_per_rank": plan.probes_per_rank, "offload": plan.offload,
+            "probe_trainable": plan.probe_trainable, "probe_params": plan.probe_params}
+
+
+def plan_vs_measured(plan: dict[str, Any] | None, peaks: dict[str, Any]) -> list[dict[str, Any]]:
+    """The planner's GPU estimate per phase next to the measured peak (nvidia-smi, the busiest GPU, less the
+    memory in use before the run): ratio = estimate / measured, the target is within 20%."""
+    if not plan:
+        return []
+    m = plan["memory_gib"]
+    rows = []
+    for phase, key in (("stage1", "selection_total"), ("probes", "selection_total"), ("stage2", "stage2")):
+        got = peaks.get(phase, {}).get("gpu_gib")
+        if got and m.get(key):
+            rows.append({"phase": phase, "plan_key": key, "plan_gib": m[key], "measured_gib": got, "ratio": m[key] / got})
+    return rows
+
+
 # -- reading what the run wrote ------------------------------------------------------------------------------------
 def median_rate(marks: list[tuple[float, int]]) -> float | None:
     """Tokens/s of the median interval between consecutive (time, tokens) marks: the first step (before the first
@@ -253,13 +284,17 @@ def extrapolate(rows: list[dict[str, Any]], indep: dict[str, Any] | None, n_prob
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------
+def overrides(args: argparse.Namespace, selection: bool) -> list[str]:
+    """The ``--set`` items of the run: --probe-trainable (when it selects) and every --set."""
+    items = [f"selection.probe_trainable={args.probe_trainable}"] if args.probe_trainable and selection else []
+    return items + list(args.set)
+
+
 def launch(args: argparse.Namespace, cfg_path: Path, out: Path, log: Path) -> tuple[int, Monitor]:
     command = "run" if "probes" in args.phases else "distill"
     cmd = [sys.executable, "-m", "hybridize", command, str(cfg_path), "--out", str(out), "--overwrite"]
     cmd += ["--nproc", str(args.nproc)] if args.nproc > 1 else []
-    if args.probe_trainable and command == "run":
-        cmd += ["--set", f"selection.probe_trainable={args.probe_trainable}"]
-    for item in args.set:
+    for item in overrides(args, command == "run"):
         cmd += ["--set", item]
     shutil.rmtree(out, ignore_errors=True)  # --overwrite would too; gone first, the monitor reads only this run's files
     monitor = Monitor(out)
@@ -286,6 +321,9 @@ def report(args: argparse.Namespace, record: dict[str, Any], stem: Path) -> None
         md += ["independent probe (one student, one softmax layer, all parameters trained, 1 GPU):",
                pc.table([{"stage": s, "steady_tok_s": ind[s]["steady_tokens_per_s"], "steps": ind[s]["steps"]}
                          for s in ("stage1", "stage2")]), ""]
+    if record.get("plan_vs_measured"):
+        md += [f"memory plan (group size {record['plan']['group_size']}, waiting probes on {record['plan']['offload']}) vs "
+               "measured peak GPU GiB (target: within 20%):", pc.table(record["plan_vs_measured"]), ""]
     h = record["extrapolation"]
     rows = [{"recipe": k, **{c: v for c, v in h[k].items()}} for k in ("ours", "independent") if k in h]
     if rows:
@@ -316,6 +354,11 @@ def main() -> None:
     if args.worker == "indep":
         Path(args.worker_out).write_text(json.dumps(independent(args, teacher_dir), default=str))
         return
+    if args.worker == "plan":  # worker_out is <stem>.plan.json, the run's config is <stem>.yaml
+        out = Path(args.worker_out)
+        cfg_path = out.with_name(out.name.removesuffix(".plan.json") + ".yaml")
+        out.write_text(json.dumps(plan_of(args, cfg_path), default=str))
+        return
     gpu = Monitor.query_gpu() if args.device != "cpu" else None
     device_name = _gpu_name() if gpu else "cpu"
     tag = args.tag or f"{device_name.lower().replace('nvidia ', '').split()[0] if gpu else 'cpu'}_np{args.nproc}"
@@ -333,9 +376,11 @@ def main() -> None:
         stem.with_suffix(".yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         out, log = work / f"out-{args.shape}-{tag}", stem.with_suffix(".log")
         log.unlink(missing_ok=True)
+        record["plan"] = worker_json(args, "plan", stem) if "probes" in args.phases else None
         rc, monitor = launch(args, stem.with_suffix(".yaml"), out, log)
         peaks = monitor.peaks()
         record.update(rc=rc, run_seconds=monitor.seconds, peaks=peaks, gpu_baseline_mib=monitor.gpu_baseline)
+        record["plan_vs_measured"] = plan_vs_measured(record["plan"], peaks)
         if rc == 0 and (out / "result.json").exists():
             result = json.loads((out / "result.json").read_text())
             n_probes = result["tokens"]["n_probes"] or fm.n_layers
