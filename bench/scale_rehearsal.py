@@ -338,9 +338,9 @@ def report(args: argparse.Namespace, record: dict[str, Any], stem: Path) -> None
         md.append(f"run failed: {record['error']}")
     text = "\n".join(md)
     print(text, flush=True)
-    stem.with_suffix(".md").write_text(text + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}", flush=True)
+    stem.with_name(stem.name + ".md").write_text(text + "\n")
+    stem.with_name(stem.name + ".json").write_text(json.dumps(record, indent=1, default=str))
+    print(f"wrote {stem.with_name(stem.name + '.json')} and {stem.with_name(stem.name + '.md')}", flush=True)
 
 
 def main() -> None:
@@ -373,11 +373,11 @@ def main() -> None:
     rows, n_probes = [], fm.n_layers
     if {"stage1", "probes", "stage2"} & set(args.phases):
         cfg = run_config(args, teacher_dir, fm.n_layers)
-        stem.with_suffix(".yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        out, log = work / f"out-{args.shape}-{tag}", stem.with_suffix(".log")
+        stem.with_name(stem.name + ".yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        out, log = work / f"out-{args.shape}-{tag}", stem.with_name(stem.name + ".log")
         log.unlink(missing_ok=True)
         record["plan"] = worker_json(args, "plan", stem) if "probes" in args.phases else None
-        rc, monitor = launch(args, stem.with_suffix(".yaml"), out, log)
+        rc, monitor = launch(args, stem.with_name(stem.name + ".yaml"), out, log)
         peaks = monitor.peaks()
         record.update(rc=rc, run_seconds=monitor.seconds, peaks=peaks, gpu_baseline_mib=monitor.gpu_baseline)
         record["plan_vs_measured"] = plan_vs_measured(record["plan"], peaks)
