@@ -168,38 +168,19 @@ class HybridizeMixin:
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
-class HybridizeLlamaConfig(LlamaConfig):
-    model_type = "hybridize_llama"
+def _family(name: str, config_cls: type, model_cls: type) -> tuple[type, type]:
+    """``Hybridize<Name>Config`` (model type ``hybridize_<name>``) and ``Hybridize<Name>ForCausalLM``."""
+    config = type(f"Hybridize{name}Config", (config_cls,), {"model_type": f"hybridize_{name.lower()}", "__module__": __name__})
+    model = type(f"Hybridize{name}ForCausalLM", (HybridizeMixin, model_cls), {"config_class": config, "__module__": __name__})
+    return config, model
 
 
-class HybridizeLlamaForCausalLM(HybridizeMixin, LlamaForCausalLM):
-    config_class = HybridizeLlamaConfig
+# module-level names: what ``auto_map`` in a hybrid's config.json points at
+HybridizeLlamaConfig, HybridizeLlamaForCausalLM = _family("Llama", LlamaConfig, LlamaForCausalLM)
+HybridizeQwen2Config, HybridizeQwen2ForCausalLM = _family("Qwen2", Qwen2Config, Qwen2ForCausalLM)
+HybridizeQwen3Config, HybridizeQwen3ForCausalLM = _family("Qwen3", Qwen3Config, Qwen3ForCausalLM)
+HybridizeMistralConfig, HybridizeMistralForCausalLM = _family("Mistral", MistralConfig, MistralForCausalLM)
 
-
-class HybridizeQwen2Config(Qwen2Config):
-    model_type = "hybridize_qwen2"
-
-
-class HybridizeQwen2ForCausalLM(HybridizeMixin, Qwen2ForCausalLM):
-    config_class = HybridizeQwen2Config
-
-
-class HybridizeQwen3Config(Qwen3Config):
-    model_type = "hybridize_qwen3"
-
-
-class HybridizeQwen3ForCausalLM(HybridizeMixin, Qwen3ForCausalLM):
-    config_class = HybridizeQwen3Config
-
-
-class HybridizeMistralConfig(MistralConfig):
-    model_type = "hybridize_mistral"
-
-
-class HybridizeMistralForCausalLM(HybridizeMixin, MistralForCausalLM):
-    config_class = HybridizeMistralConfig
-
-
-#: family -> (config class name, model class name): what ``auto_map`` points at
-CLASSES = {family: (f"Hybridize{name}Config", f"Hybridize{name}ForCausalLM")
-           for family, name in (("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mistral", "Mistral"))}
+#: family -> (config class name, model class name)
+CLASSES = {name.lower(): (f"Hybridize{name}Config", f"Hybridize{name}ForCausalLM")
+           for name in ("Llama", "Qwen2", "Qwen3", "Mistral")}
