@@ -10,7 +10,6 @@ tokenizer and generation config to a temporary directory, reloads it from there 
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,15 +119,11 @@ def write_export(model: Any, out: Path, *, source: Any, tokenizer: Any, prompts:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    def verify(tmp: Path) -> None:
-        try:
-            reloaded = _reload(tmp).to(next(source.parameters()).device)
-            report.update(finish(parity(source, reloaded, prompts), reloaded))
-            write_json(tmp / REPORT, report)
-            write_manifest(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
-            raise
+    def verify(tmp: Path) -> None:  # a failure here leaves nothing behind (atomic_dir removes its temporary dir)
+        reloaded = _reload(tmp).to(next(source.parameters()).device)
+        report.update(finish(parity(source, reloaded, prompts), reloaded))
+        write_json(tmp / REPORT, report)
+        write_manifest(tmp)
 
     needed = sum(t.nelement() * t.element_size() for t in model.state_dict().values())
     atomic_dir(out, write, needed=needed, before_rename=verify)

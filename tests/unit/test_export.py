@@ -201,3 +201,16 @@ def test_hook_hybridize_register_exporters(tmp_path, hybridize_pm):
     assert "cannot be exported to 'none': the none format holds nothing" in str(exc.value)
     assert "none: a test format that refuses every hybrid" in str(exc.value) and "qwen3_5: " in str(exc.value)
     assert _nothing_written(tmp_path)
+
+
+@needs_qwen3_5
+def test_a_failed_reload_check_leaves_nothing_behind(tmp_path, monkeypatch):
+    from hybridize.model import export as engine
+
+    def broken(tmp):
+        raise ExportError("the exported directory does not load cleanly (simulated)")
+
+    monkeypatch.setattr(engine, "_reload", broken)
+    with pytest.raises(ExportError, match="simulated"):
+        export(_save(tmp_path, exportable_hybrid("qwen3")), tmp_path / "out", ExportOptions(progress=False))
+    assert _nothing_written(tmp_path)
