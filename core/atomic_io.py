@@ -297,7 +297,8 @@ def atomic_dir(path: Path, write: Callable[[Path], Any], *, needed: int | None =
                before_rename: Callable[[Path], Any] | None = None) -> Path:
     """Write a directory durably: ``write(tmp)`` into ``.NAME.tmp``, ``before_rename(tmp)``, :func:`replace_dir`.
 
-    A temporary directory left by an interrupted write is removed first.
+    A temporary directory left by an interrupted write is removed first; one whose ``before_rename`` raises is
+    removed too (``path`` is left as it was).
     """
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():  # left by an interrupted write
@@ -305,6 +306,10 @@ def atomic_dir(path: Path, write: Callable[[Path], Any], *, needed: int | None =
     with clean_write(path, tmp, needed):
         write(tmp)
     if before_rename is not None:
-        before_rename(tmp)
+        try:
+            before_rename(tmp)
+        except Exception:  # a check of the written directory failed: its own temporary directory goes
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     replace_dir(tmp, path)
     return path

@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for eval.json and eval.md")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_eval)
+    from hybridize.recipes.export import add_export_command
+    add_export_command(sub, _command_pm)
     return parser
 
 

@@ -70,6 +70,11 @@ class PluginReturnError(HybridizeError):
     """A plugin passed something unexpected to a registration callback."""
 
 
+class ExportError(HybridizeError):
+    """A hybrid cannot be exported as asked: a variant or option with no place in the format, a layout that holds
+    it only approximately without ``--heal-tokens``, or a format this installation cannot write."""
+
+
 class UnsupportedArchitectureError(HybridizeError, ValueError):
     """The teacher is not one of the supported causal-LM families."""
 

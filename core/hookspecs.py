@@ -71,6 +71,20 @@ def hybridize_register_evaluators(register: RegisterCallback) -> None:
 
 
 @hookspec
+def hybridize_register_exporters(register: RegisterCallback) -> None:
+    """Register export formats (qwen3_5, ...): layouts of stock inference engines that ``hybridize export`` writes.
+
+    The factory builds an :class:`hybridize.export.Exporter` from its config: ``factory(config)``; the name is
+    the ``--format`` of ``hybridize export``.
+
+    :param register: call ``register(name, factory, config_cls, capabilities=...)`` once per format.
+    :returns: None.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
 def hybridize_run_start(run_dir: str | None, config: Any) -> None:
     """Observe the start of a run, before the teacher is loaded.
 

@@ -61,3 +61,32 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+#: a ``sitecustomize`` that makes hybridize unimportable: what stock tools see on a machine without hybridize
+_NO_HYBRIDIZE = '''\
+import importlib.abc, sys
+
+
+class _NoHybridize(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hybridize" or name.startswith("hybridize."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hybridize is blocked in this test)")
+        return None
+
+
+sys.meta_path.insert(0, _NoHybridize())
+'''
+
+
+def run_without_hybridize(argv: list[str], tmp_path: Path, *, timeout: int = 300):
+    """Run ``argv`` (a Python process) where ``import hybridize`` fails, offline, with its own module cache."""
+    import subprocess
+
+    site = tmp_path / "no_hybridize_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_NO_HYBRIDIZE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)

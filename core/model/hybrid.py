@@ -174,8 +174,45 @@ def as_hybrid(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+#: what lets stock tools load a saved hybrid (``trust_remote_code``): written beside its weights, named by ``auto_map``
+REMOTE_CODE = ("modeling_hybridize.py", "linear_hybridize.py")
+
+
+def stock_auto_map(config: Any) -> dict[str, str] | None:
+    """The ``auto_map`` that loads this hybrid with :mod:`hybridize.model.modeling_hybridize` (no hybridize needed),
+    or None when that module cannot run it (a variant other than hybridize's own ``gdn`` / ``gla``, or an option it
+    does not know)."""
+    from hybridize.model import linear_hybridize
+    from hybridize.model.modeling_hybridize import CLASSES
+
+    section = getattr(config, "hybridize", None) or {}
+    if section.get("linear_layers"):
+        if (section.get("plugin") or {}).get("distribution") != "hybridize":
+            return None
+        try:
+            linear_hybridize.options(section.get("variant"), section.get("variant_params"))
+        except ValueError:
+            return None
+    names = CLASSES.get(str(config.model_type).removeprefix(PREFIX))
+    if names is None:
+        return None
+    return {"AutoConfig": f"modeling_hybridize.{names[0]}", "AutoModelForCausalLM": f"modeling_hybridize.{names[1]}"}
+
+
+def _write_remote_code(directory: Path) -> None:
+    from hybridize.model import linear_hybridize, modeling_hybridize
+
+    for module in (modeling_hybridize, linear_hybridize):
+        source = Path(module.__file__)
+        (directory / source.name).write_bytes(source.read_bytes())
+
+
 def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None, *, extra: dict[str, Any] | None = None) -> Path:
     """``save_pretrained`` a hybrid (config with its ``hybridize`` section, safetensors, tokenizer).
+
+    For hybridize's own variants the directory also holds :data:`REMOTE_CODE` and ``config.json`` an ``auto_map``,
+    so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it without hybridize (and
+    ``lm_eval --model hf --model_args pretrained=path,trust_remote_code=True`` evaluates it).
 
     Everything is written to ``.<name>.tmp`` beside ``path``, then a manifest of sha256 hashes
     (:mod:`hybridize.atomic_io`), then the directory is renamed to ``path``: a directory at ``path``
@@ -188,11 +225,18 @@ def save_hybrid(model: PreTrainedModel, path: str | Path, tokenizer: Any = None,
     if extra:
         model.config.hybridize = {**model.config.hybridize, **extra}
     path = Path(path)
+    auto_map = stock_auto_map(model.config)
+    if auto_map is not None:
+        model.config.auto_map = auto_map
+    elif hasattr(model.config, "auto_map"):
+        del model.config.auto_map
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if auto_map is not None:
+            _write_remote_code(tmp)
 
     def finish(tmp: Path) -> None:
         faults.kill_point("save-model")

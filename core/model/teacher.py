@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 #: The attention implementation every teacher (and so every student copy) runs with.
 ATTN_IMPLEMENTATION = "sdpa"
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @attrs.frozen(kw_only=True)
@@ -146,7 +146,7 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBa
     from transformers import AutoTokenizer
 
     local = Path(path)
-    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
         return None
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

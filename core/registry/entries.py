@@ -16,6 +16,7 @@ KINDS: dict[str, str] = {
     "scorer": "hybridize_register_scorers",
     "stop_criterion": "hybridize_register_stop_criteria",
     "evaluator": "hybridize_register_evaluators",
+    "exporter": "hybridize_register_exporters",
 }
 
 

@@ -183,7 +183,7 @@ def check_teacher_weights_loaded(variant: Entry | type, *, config: Any = None, s
             same(layer.weight[rows], weight[kv], f"{proj}_proj head {h} vs teacher KV head {h // g}")
             if has_bias:
                 same(layer.bias[rows], bias[kv], f"{proj}_proj.bias head {h} vs teacher KV head {h // g}")
-    if spec.qk_norm:
+    if mod.spec.qk_norm:  # a variant may leave the norms out by config; its own spec then says qk_norm=False
         for norm, ref in (("q_norm", w.q_norm), ("k_norm", w.k_norm)):
             if not hasattr(mod, norm):
                 raise AssertionError(f"{name}: the teacher has q/k RMSNorm; expected a {norm!r} holding its weight")

@@ -9,7 +9,8 @@ This module is the reference implementation of the variant author's contract
 (:mod:`hybridize.linear`; README, "The variant author's contract"):
 
 - the teacher's weights live in ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (+ ``q_norm``,
-  ``k_norm`` for Qwen3-style teachers), the names the conformance suite checks; GDN's own gates
+  ``k_norm`` for Qwen3-style teachers unless ``qk_norm=False``, which also clears ``spec.qk_norm`` of the
+  module), the names the conformance suite checks; GDN's own gates
   (``a_proj``, ``b_proj``, ``A_log``, ``dt_bias``), convolutions and output gate (``g_proj``,
   ``o_norm``) start fresh, as fla initialises them;
 - :meth:`GatedDeltaNet.mix` calls :func:`hybridize.ops.delta_rule.gated_delta_rule`; ``naive`` is
@@ -57,6 +58,9 @@ class GDNConfig:
     conv_init: Literal["identity", "random"] = attrs.field(default="identity", validator=_v.in_(("identity", "random")))
     use_gate: bool = attrs.field(default=True, validator=_v.instance_of(bool))
     allow_neg_eigval: bool = attrs.field(default=False, validator=_v.instance_of(bool))
+    #: apply the teacher's q/k RMSNorms (Qwen3-style teachers) before the short convolutions; False leaves them
+    #: out, as transformers' qwen3_5 Gated DeltaNet does, so that such a hybrid exports to it exactly
+    qk_norm: bool = attrs.field(default=True, validator=_v.instance_of(bool))
     norm_eps: float = attrs.field(default=1e-5, validator=_v.gt(0.0))
     chunk_size: int = attrs.field(default=64, validator=[_v.instance_of(int), _v.ge(1)])
     backend: Literal["auto", "torch", "fla"] = attrs.field(default="auto", validator=_v.in_(BACKENDS))
@@ -97,7 +101,10 @@ class GatedDeltaNet(LinearAttention):
     naive = staticmethod(naive_recurrent_gated_delta_rule)
 
     def __init__(self, spec: AttentionSpec, config: GDNConfig | None = None):
-        super().__init__(spec, config if config is not None else GDNConfig())
+        config = config if config is not None else GDNConfig()
+        if spec.qk_norm and not config.qk_norm:  # the module holds no q/k norms: its spec says so
+            spec = attrs.evolve(spec, qk_norm=False)
+        super().__init__(spec, config)
         cfg, H, D, hidden = self.config, spec.num_heads, spec.head_dim, spec.hidden_size
         self.num_heads, self.head_dim = H, D
         self.q_proj = nn.Linear(hidden, H * D, bias=spec.q_bias)

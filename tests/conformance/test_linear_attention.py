@@ -58,6 +58,7 @@ BUILTIN_CONFIGS = {
     "gdn-noconv-nogate-negeig": ("gdn", {"use_short_conv": False, "use_gate": False, "allow_neg_eigval": True,
                                          "conv_activation": "none"}),
     "gdn-randconv2-chunk8": ("gdn", {"conv_init": "random", "conv_size": 2, "chunk_size": 8}),
+    "gdn-no-qknorm": ("gdn", {"qk_norm": False}),
     "gla-conv-nogate-chunk5": ("gla", {"use_short_conv": True, "use_output_gate": False, "chunk_size": 5}),
     "gla-randconv-noact-rank4": ("gla", {"use_short_conv": True, "conv_activation": "none", "conv_init": "random",
                                          "gate_low_rank_dim": 4}),

@@ -65,3 +65,23 @@ def test_cached_generation_equals_uncached_bf16(name):
         uncached = student.generate(ids, use_cache=False, **kw)
     agree = (cached == uncached).float().mean().item()
     assert agree >= 0.95, f"{name}: cached vs uncached greedy tokens agree on {agree:.1%}"
+
+
+@pytest.mark.parametrize("variant", ["gdn", "gla"])
+def test_stock_tools_module_on_fla_matches_its_torch_form(tmp_path, variant):
+    """The module saved beside a hybrid for stock tools takes fla's kernels on CUDA; they agree with its torch form."""
+    from hybridize.model import modeling_hybridize
+    from hybridize.model.hybrid import save_hybrid
+    from hybridize.model.surgery import build_student
+
+    path = save_hybrid(build_student(tiny_model("qwen3", n_layer=3), [1], variant), tmp_path / "m")
+    cls = getattr(modeling_hybridize, modeling_hybridize.CLASSES["qwen3"][1])
+    fla, ref = cls.from_pretrained(path).cuda().eval(), cls.from_pretrained(path).cuda().eval()
+    for layer in ref.model.layers:
+        if hasattr(layer.self_attn, "opts"):
+            layer.self_attn.opts = {**layer.self_attn.opts, "backend": "torch"}
+    ids = torch.randint(3, 60, (2, 200), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.no_grad():
+        assert rel(fla(ids).logits, ref(ids).logits) <= 5e-3
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(fla.generate(ids[:, :12], **kw), fla.generate(ids[:, :12], use_cache=False, **kw))

@@ -12,7 +12,7 @@ rank   layer         modules
 =====  ============  ==========================================================================
 0      foundations   errors, faults, atomic_io, the package root's ``hookimpl`` / ``__version__``
 1      registry      registry/*, hookspecs (the hook specs name the registry's types)
-2      contracts     linear, evaluate, ops/* (the reference kernels and nn blocks are documented
+2      contracts     linear, evaluate, export, ops/* (the reference kernels and nn blocks are documented
                      public helpers for variant plugins, so they sit beside the contracts)
 3      model         model/*
 4      training      training/*
@@ -48,7 +48,7 @@ _BY_NAME = {
     "hybridize.errors": "foundations", "hybridize.faults": "foundations", "hybridize.atomic_io": "foundations",
     "hybridize": "foundations",  # as an importee: hookimpl / __version__ only (checked below)
     "hybridize.hookspecs": "registry",
-    "hybridize.linear": "contracts", "hybridize.evaluate": "contracts",
+    "hybridize.linear": "contracts", "hybridize.evaluate": "contracts", "hybridize.export": "contracts",
     "hybridize.cli": "entry points", "hybridize.__main__": "entry points",
 }
 _BY_PACKAGE = {
@@ -67,6 +67,7 @@ PLUGIN_API = {
     "hybridize.hookspecs",
     "hybridize.linear",             # AttentionSpec, LinearAttention, TeacherAttentionWeights
     "hybridize.evaluate",           # EvalTarget, EvalResult, Evaluator
+    "hybridize.export",             # Exporter, ExportCheck, Converted
     "hybridize.registry.configs",   # ComponentRef, config helpers
     "hybridize.selection.contract",  # Probe, Needs, ScoreContext, LayerSelector, StopCriterion
     # documented public helpers

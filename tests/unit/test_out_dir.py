@@ -181,9 +181,10 @@ def test_no_code_path_deletes_with_a_broad_call():
     reviewed = {
         "core/recipes/rundir.py": 2,        # empty_own_dir, after check_overwrite: OUT's own entries
         # forget_checkpoint (a recorded checkpoint); clean_write (its own temporary file or dir); replace_dir
-        # (its own `.NAME.old`, twice); atomic_dir (its own `.NAME.tmp` of a saved hybrid); atomic_torch_save
-        # (its own `.NAME.tmp*` left by a killed process)
-        "core/atomic_io.py": 7,
+        # (its own `.NAME.old`, twice); atomic_dir (its own `.NAME.tmp` of a saved hybrid or export: left by an
+        # interrupted write, or whose before_rename check failed); atomic_torch_save (its own `.NAME.tmp*` left by a
+        # killed process)
+        "core/atomic_io.py": 8,
         "core/recipes/quickstart.py": 3,    # ensure_teacher: its own temporary and cached teacher in the cache directory
         "core/selection/fanout.py": 1,      # probe checkpoints: rank directories of another layout, inside checkpoints/selection
         "core/selection/engine.py": 2,      # probe_offload disk: its own probe-<layer>.pt scratch files, then their dir if empty
