@@ -20,6 +20,9 @@ OUTDIR=${OUT:-$WORK/out}
 MINUTES=${MINUTES:-7}
 COMPARE_LIMIT_S=${COMPARE_LIMIT_S:-555}
 CORPUS_TOKENS=${CORPUS_TOKENS:-2097152}
+SEQ=${SEQ:-2048}                 # the teacher's row length, the corpus's blocks (the config's data.seq_len)
+DEVICE=${DEVICE:-cuda}
+TEACHER_ARGS=${TEACHER_ARGS:-}   # more recall_teacher.py train flags (a CPU rehearsal: --preset tiny --steps 10)
 TEACHER=$WORK/teacher_run/teacher
 PY=${PYTHON:-python3}
 mkdir -p "$WORK" "$OUTDIR"
@@ -59,7 +62,7 @@ essays() { "$PY" -c 'import sys; sys.path.insert(0, "bench"); import recall_data
 teacher() {
   if [ -e "$WORK/teacher_run" ]; then echo "recall_compare.sh: $WORK/teacher_run exists; move it away (or run: compare)"; exit 2; fi
   set +e
-  "$PY" bench/recall_teacher.py train --device cuda --minutes "$MINUTES" --out "$WORK/teacher_run" 2>&1 | tee "$OUTDIR/teacher.log"
+  "$PY" bench/recall_teacher.py train --device "$DEVICE" --minutes "$MINUTES" --out "$WORK/teacher_run" $TEACHER_ARGS 2>&1 | tee "$OUTDIR/teacher.log"
   rc=${PIPESTATUS[0]}
   set -e
   cp "$WORK"/teacher_run/recall_teacher.{json,md} "$WORK"/teacher_run/recall_ablation.png "$WORK"/teacher_run/teacher.bf16.tar.* "$OUTDIR/" 2>/dev/null || true
@@ -71,9 +74,9 @@ compare() {
     ls "$PIECES"/teacher.bf16.tar.* >/dev/null 2>&1 || { echo "recall_compare.sh: no teacher in $TEACHER and no pieces in $PIECES: run 'teacher' first or carry its files to $PIECES"; exit 2; }
     "$PY" bench/recall_teacher.py join "$PIECES" "$TEACHER"
   fi
-  [ -f "$WORK/corpus.jsonl" ] || "$PY" bench/recall_teacher.py corpus --teacher "$TEACHER" --out "$WORK/corpus.jsonl" --tokens "$CORPUS_TOKENS" --seq 2048
+  [ -f "$WORK/corpus.jsonl" ] || "$PY" bench/recall_teacher.py corpus --teacher "$TEACHER" --out "$WORK/corpus.jsonl" --tokens "$CORPUS_TOKENS" --seq "$SEQ"
   resume=()
-  [ -f "$WORK/compare/checkpoints/rows.json" ] && resume=(--resume)
+  [ -d "$WORK/compare" ] && resume=(--resume)   # a compare this script started (and the time limit stopped): go on
   set +e
   timeout "$COMPARE_LIMIT_S" "$PY" -m hybridize compare configs/compare_recall12.yaml --out "$WORK/compare" "${resume[@]}" \
     --set "teacher=$TEACHER" --set "data.train=$WORK/corpus.jsonl" --set "evaluators.2.essays_dir=$(essays)" "$@" 2>&1 | tee "$OUTDIR/compare.log"
@@ -82,9 +85,13 @@ compare() {
   for f in compare.json compare.md compare_metrics.png compare_layers.png; do
     [ -f "$WORK/compare/$f" ] && cp "$WORK/compare/$f" "$OUTDIR/"
   done
-  if [ "$rc" -ne 0 ] && [ -f "$WORK/compare/checkpoints/rows.json" ]; then
-    cp "$WORK/compare/checkpoints/rows.json" "$OUTDIR/compare_rows_partial.json"
-    echo "recall_compare.sh: compare stopped (exit $rc) with $("$PY" -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORK/compare/checkpoints/rows.json") rows done; run 'compare' again to resume"
+  if [ "$rc" -ne 0 ]; then
+    rows=0
+    if [ -f "$WORK/compare/checkpoints/rows.json" ]; then
+      cp "$WORK/compare/checkpoints/rows.json" "$OUTDIR/compare_rows_partial.json"
+      rows=$("$PY" -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORK/compare/checkpoints/rows.json")
+    fi
+    echo "recall_compare.sh: compare stopped (exit $rc; 124 = COMPARE_LIMIT_S) with $rows rows done; run 'compare' again: it resumes"
   fi
   return "$rc"
 }

@@ -79,6 +79,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = until --minutes)")
     t.add_argument("--warmup", type=float, default=0.03, help="warm-up share of the run")
     t.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer tokens' mean loss")
+    t.add_argument("--mix", default="", help="row kinds and shares, e.g. single_repeat=1,text=1 (default recall_data.DEFAULT_MIX)")
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--workers", type=int, default=-1, help="data processes (-1 = auto: 0 on CPU, up to 8 on CUDA)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
@@ -131,9 +132,22 @@ def check_train(args: argparse.Namespace) -> list[str]:
     for flag, path in (("--essays", args.essays), ("--stories", args.stories)):
         if not Path(path).exists():
             p.append(f"{flag} {path!r} does not exist; copy ../shared/data into REPO/shared/data on a machine without it")
+    try:
+        parse_mix(args.mix)
+    except ValueError as exc:
+        p.append(f"--mix {args.mix!r}: {exc}; give kind=share pairs with kinds among {', '.join(rd.KINDS)}")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         p.append(f"--device {args.device} but CUDA is not available here; use --device cpu")
     return p
+
+
+def parse_mix(text: str) -> dict[str, float] | None:
+    if not text:
+        return None
+    mix = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    if set(mix) - set(rd.KINDS) or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError("unknown kind or no positive share")
+    return mix
 
 
 def resolve_device(name: str) -> torch.device:
@@ -261,7 +275,7 @@ def train(model: torch.nn.Module, data: rd.RecallData, args: argparse.Namespace,
     net = torch.compile(model) if args.compile else model
     workers = args.workers if args.workers >= 0 else (0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 4)))
     batches = Batches(data, args.seed, workers)
-    log, phases, step, tokens, flops = [], {}, 0, 0, 0.0
+    log, phases, step, tokens, flops, skipped = [], {}, 0, 0, 0.0, 0
     t0 = last_t = time.perf_counter()
     sums = {"ce": 0.0, "ans_ce": 0.0, "ans_hit": 0.0, "n": 0, "n_ans": 0, "tokens": 0}
     print(f"[train] {sum(p.numel() for p in model.parameters()):,} params; curriculum {lengths(args.seq)}; "
@@ -276,15 +290,22 @@ def train(model: torch.nn.Module, data: rd.RecallData, args: argparse.Namespace,
                 break
             T = row_length(progress["p"], args.seq)
             ids, flags = (torch.from_numpy(a) for a in batches.get(T, args.batch_tokens // T))
+            n_all, n_ans = ids[:, 1:].numel(), int(flags[:, 1:].sum())  # on the host: no device sync
             ids, flags = ids.to(device, non_blocking=True), flags.to(device, non_blocking=True)
-            n_all, n_ans = ids[:, 1:].numel(), int(flags[:, 1:].sum())
             for i in range(0, ids.shape[0], max(1, args.micro_tokens // T)):
                 sl = slice(i, i + max(1, args.micro_tokens // T))
                 with autocast_for(device):
                     loss, parts = step_loss(net, ids[sl], flags[sl], n_all, n_ans, args.answer_weight)
                 loss.backward()
+                opt.watch(loss)
                 for k, v in parts.items():
-                    sums[k] += float(v)
+                    sums[k] = sums[k] + v  # on the device: read at the next progress line, no sync per step
+            if not opt.take_finite():  # a NaN / inf loss: drop this step's gradients, count it, go on
+                opt.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                if skipped > 10:
+                    raise RuntimeError(f"recall_teacher: {skipped} steps with a non-finite loss; lower --lr (now {args.lr})")
+                continue
             opt.step()
             step, tokens = step + 1, tokens + ids.numel()
             flops += flops_per_token(model, T) * ids.numel()
@@ -294,14 +315,16 @@ def train(model: torch.nn.Module, data: rd.RecallData, args: argparse.Namespace,
             sums["tokens"] += ids.numel()
             now = time.perf_counter()
             if now - last_t >= args.log_every or step == 1 or (args.steps and step == args.steps):
-                log.append(_log_line(step, T, tokens, now - t0, now - last_t, sums, opt.last_lr, flops, args, device))
+                log.append(_log_line(step, T, tokens, now - t0, now - last_t, {k: float(v) for k, v in sums.items()},
+                                     opt.last_lr, flops, args, device))
                 sums = dict.fromkeys(sums, 0) | {"ce": 0.0, "ans_ce": 0.0, "ans_hit": 0.0}
                 last_t, flops = now, 0.0
     finally:
         batches.close()
     seconds = time.perf_counter() - t0
     return {"steps": step, "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
-            "tokens_by_row_length": {str(k): v for k, v in sorted(phases.items())}, "workers": workers, "log": log}
+            "tokens_by_row_length": {str(k): v for k, v in sorted(phases.items())}, "workers": workers,
+            "skipped_nonfinite_steps": skipped, "log": log}
 
 
 def _log_line(step: int, T: int, tokens: int, elapsed: float, window: float, sums: dict[str, float], lr: float,
@@ -400,7 +423,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     strings = rd.ruler_strings()
     tok = make_tokenizer(args, strings)
-    data, held = rd.load(tok, essays_dir=args.essays, stories=args.stories, seed=args.seed)
+    data, held = rd.load(tok, essays_dir=args.essays, stories=args.stories, seed=args.seed, mix=parse_mix(args.mix))
     model = build_model(args, tok).to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

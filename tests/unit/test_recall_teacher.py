@@ -130,3 +130,21 @@ def test_tiny_teacher_trains_is_measured_and_joins(gen, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bf16 pieces hold the teacher exactly
     with pytest.raises(SystemExit, match="not empty"):
         rt.join(out, joined)
+
+
+def test_curriculum_and_flops():
+    import recall_teacher as rt
+
+    assert rt.lengths(2048) == [(0.15, 512), (0.35, 1024), (1.0, 2048)] and rt.lengths(512) == [(1.0, 512)]
+    assert [rt.row_length(p, 2048) for p in (0.0, 0.2, 0.5, 0.99)] == [512, 1024, 2048, 2048]
+
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return 4096
+
+    model = rt.build_model(rt.parse(["--out", "/nonexistent", "--steps", "1"]), Tok())
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n) + 4096 * 384
+    assert rt.flops_per_token(model, 2048) == 6 * weights + 6 * 12 * 2048 * 384  # 6N + causal attention
+    assert 20e6 < sum(p.numel() for p in model.parameters()) < 21e6  # 41 MB in bf16: three 16 MiB pieces
