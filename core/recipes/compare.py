@@ -44,139 +44,14 @@ import attrs
 import torch
 
 from hybridize.recipes.compare_report import (aggregate, label, markdown_table, overlaps, plot_layers, plot_metrics,  # noqa: F401
-                                              rank_correlations, report_markdown)
+                                              rank_correlations, report_markdown, stop_checks, stop_markdown)
+from hybridize.recipes.compare_config import (DEFAULT_SELECTORS, CompareConfig, compare_config_from_dict,  # noqa: F401
+                                              load_compare_config)
 from hybridize.registry.configs import ComponentRef
-from hybridize.errors import ConfigError
 from hybridize.recipes.outputs import write_json
 from hybridize.recipes.runconfig import RunConfig
 from hybridize.recipes.steps import (evaluate_hybrid, final_hybrid, final_tokens, observe_steps, row_tokens, select,
                                      shared_stage1, stage1_cost)
-
-DEFAULT_SELECTORS = ("kl-greedy-add", "kl-greedy-remove", "mse-greedy-add", "uniform", "random")
-
-
-def _selectors(value: Any) -> list[ComponentRef]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"compare field 'selectors' must be a non-empty list of selector names or {{name: ..}} mappings; got {value!r}")
-    return [ComponentRef.parse(v, where=f"compare field 'selectors'[{i}]") for i, v in enumerate(value)]
-
-
-def _budgets(value: Any) -> list[int | float]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    ok = items and all((isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (isinstance(v, float) and 0 < v < 1) for v in items)
-    if not ok:
-        raise ConfigError(f"compare field 'softmax_layers' must be a list of K (int >= 1) or ratios in (0, 1); got {value!r}")
-    return list(items)
-
-
-def _seeds(value: Any) -> list[int]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    if not items or not all(isinstance(s, int) and not isinstance(s, bool) for s in items) or len(set(items)) != len(items):
-        raise ConfigError(f"compare field 'seeds' must be a list of distinct ints; got {value!r}")
-    return list(items)
-
-
-def _variants(value: Any, field: str) -> list[ComponentRef]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"compare field {field!r} must be a non-empty list of variant names or {{name: ..}} mappings; got {value!r}")
-    refs = [ComponentRef.parse(v, where=f"compare field {field!r}[{i}]") for i, v in enumerate(value)]
-    labels = [label(r) for r in refs]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"compare field {field!r} must not repeat a variant; got {labels}")
-    return refs
-
-
-@attrs.frozen(kw_only=True)
-class CompareConfig:
-    """The ``compare`` section.
-
-    Args:
-        selectors: selectors to compare (names or ``{name: .., **params}``; the params may include the
-            distance options, e.g. ``{name: kl-greedy-add, min_gap: 2}`` beside plain ``kl-greedy-add``).
-        softmax_layers: budgets, each a K or a ratio; default: the run config's ``softmax_layers``.
-        seeds: seeds to repeat over; default: the run config's ``seed``.
-        save_models: also save every final hybrid under ``OUT/models/`` (off: only the table).
-        probe_variants: linear-attention variants of the probes (names or ``{name: .., **params}``);
-            default: the run config's ``selection.linear_attention`` (else its ``linear_attention``).
-        final_variants: variants of the final hybrids, crossed with ``probe_variants``; default: the
-            run config's ``linear_attention``.
-        reference: the selector (as labelled in the table) the others are correlated with; rows of
-            other selectors get no correlation when it is not among ``selectors``.
-    """
-
-    selectors: list[ComponentRef] = attrs.field(factory=lambda: [ComponentRef(name=n) for n in DEFAULT_SELECTORS], converter=_selectors)
-    softmax_layers: list[int | float] | None = attrs.field(default=None, converter=lambda v: None if v is None else _budgets(v))
-    seeds: list[int] | None = attrs.field(default=None, converter=lambda v: None if v is None else _seeds(v))
-    save_models: bool = False
-    probe_variants: list[ComponentRef] | None = attrs.field(default=None, converter=lambda v: None if v is None else _variants(v, "probe_variants"))
-    final_variants: list[ComponentRef] | None = attrs.field(default=None, converter=lambda v: None if v is None else _variants(v, "final_variants"))
-    reference: str = "kl-greedy-add"
-
-
-def load_compare_config(path: str | Path, overrides: Sequence[str] = (), *, pm: Any = None) -> tuple[RunConfig, CompareConfig]:
-    """Read a run config with a ``compare`` section; every problem is reported together."""
-    from hybridize.recipes.runconfig import apply_overrides
-    from hybridize.recipes.yamlio import read_yaml_file
-
-    path = Path(path)
-    tree = read_yaml_file(path) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of run fields; got {type(tree).__name__}")
-    tree = apply_overrides(tree, overrides)
-    return compare_config_from_dict(tree, pm=pm)
-
-
-def compare_config_from_dict(tree: Mapping[str, Any], *, pm: Any = None) -> tuple[RunConfig, CompareConfig]:
-    """Split a config tree into the base run config and the compare section, validating both."""
-    from hybridize.registry.configs import build_config
-    from hybridize.recipes.runconfig import run_config_from_dict
-
-    tree = dict(tree)
-    section = tree.pop("compare", None) or {}
-    problems: list[str] = []
-    ccfg = None
-    try:
-        ccfg = build_config(CompareConfig, section, context="compare")
-    except ConfigError as exc:
-        problems += exc.problems
-    base = None
-    try:
-        base = run_config_from_dict(tree, pm=pm)
-    except ConfigError as exc:
-        problems += exc.problems
-    if ccfg is not None:
-        if pm is None:
-            from hybridize.registry.manager import get_plugin_manager
-
-            pm = get_plugin_manager()
-        problems += _check_components(ccfg, pm)
-        if base is not None and isinstance(base.softmax_layers, list) and ccfg.softmax_layers is None:
-            problems.append("compare needs budgets: set compare.softmax_layers (K or ratios) or a K / ratio in run field "
-                            f"'softmax_layers' (got the explicit list {base.softmax_layers})")
-    if problems:
-        raise ConfigError(problems)
-    return base, ccfg
-
-
-def _check_components(ccfg: CompareConfig, pm: Any) -> list[str]:
-    """Every selector (with its distance options) and every variant must exist and accept its params."""
-    from hybridize.selection.contract import build_selector_configs
-
-    problems = []
-    checks = [("selector", "", ref) for ref in ccfg.selectors]
-    checks += [("linear_attention", f"compare field {field!r}: ", ref) for field in ("probe_variants", "final_variants")
-               for ref in getattr(ccfg, field) or []]
-    for kind, where, ref in checks:
-        try:
-            entry = pm.registry(kind)[ref.name]
-            build_selector_configs(entry, ref.params) if kind == "selector" else entry.build_config(ref.params)
-        except ConfigError as exc:
-            problems += [where + p for p in exc.problems]
-    labels = [label(r) for r in ccfg.selectors]
-    if len(set(labels)) != len(labels):
-        problems.append(f"compare field 'selectors' must not repeat a selector with the same params; got {labels}")
-    return problems
-
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
@@ -216,7 +91,7 @@ class _Comparison:
         """Every selection of one seed (one per selector, budget and probe variant) and the final hybrids it needs."""
         from hybridize.training.data import prepare_data
 
-        self.data, self.stage1, self.final_cache = None, {}, {}
+        self.data, self.stage1, self.final_cache, self.shared = None, {}, {}, {}
         for pv in self.probes:
             for budget in self.ccfg.softmax_layers or [self.base.softmax_layers]:
                 for sel in self.ccfg.selectors:
@@ -233,17 +108,14 @@ class _Comparison:
         k, pvl = self.ks[budget], label(pv)
         cfg = attrs.evolve(self.base, seed=seed, softmax_layers=budget,
                            selection=attrs.evolve(self.base.selection, selector=sel, linear_attention=pv))
-        engine, selection = select(teacher=self.teacher.model, data=self.data, cfg=cfg, variant=pv, pm=self.pm, device=self.device,
-                                   k=k, progress=self.progress, stage1_from=self.stage1.get(pvl), log=self.log,
-                                   context={"seed": seed, "selector": label(sel), "k": k, "probe_variant": pvl},
-                                   ckpt_dir=self.out / "checkpoints" / f"seed{seed}" / f"k{k}" / _slug(pvl) / _slug(label(sel)))
-        cost = selection["tokens"]["selection_cost"]
-        self.standalone["selection"] += cost
-        self.spent["selection"] += cost
-        if engine.stage1_shared:  # this selection reused the seed's stage 1 of its variant: it did not spend it again
-            self.spent["selection"] -= stage1_cost(self.stage1[pvl][1])
-        elif engine.stage1_modules:
-            self.stage1[pvl] = (engine.stage1_modules, engine.stage1_tokens())
+        engine, selection, ran = self._select(cfg, seed, sel, pv, k)
+        self.standalone["selection"] += selection["tokens"]["selection_cost"]
+        if ran is not None:  # this call trained (a probe run trained to the whole budget serves the other budgets)
+            self.spent["selection"] += ran["tokens"]["selection_cost"]
+            if engine.stage1_shared:  # this selection reused the seed's stage 1 of its variant: it did not spend it again
+                self.spent["selection"] -= stage1_cost(self.stage1[pvl][1])
+            elif engine.stage1_modules:
+                self.stage1[pvl] = (engine.stage1_modules, engine.stage1_tokens())
         for fv in finals:
             final = self._final(cfg, fv, selection["softmax_layers"])
             if not (engine.stage1_modules and label(fv) == pvl):  # alone, this row's final would run its own stage 1
@@ -252,13 +124,37 @@ class _Comparison:
             self.rows.append(self._row(cfg, sel, pv, fv, selection, final))
             write_json(self.out / "checkpoints" / "rows.json", self.rows)
 
+    def _select(self, cfg: RunConfig, seed: int, sel: ComponentRef, pv: ComponentRef, k: int) -> tuple[Any, dict[str, Any], Any]:
+        """(engine, this budget's selection, the record of the run when this call trained one, else None).
+
+        With ``compare.verify_stop`` a probe selector trains once per seed and probe variant to the whole probe
+        budget; every budget's selection is then read off that run (:func:`hybridize.selection.budgets.budget_view`)."""
+        from hybridize.selection.budgets import budget_view
+        from hybridize.selection.contract import build_selector_configs
+
+        pvl, key = label(pv), (seed, label(sel), label(pv))
+        entry = self.pm.registry("selector")[sel.name]
+        shared = self.ccfg.verify_stop and entry.factory(build_selector_configs(entry, sel.params)[0], seed=seed).needs == "probes"
+        view = lambda eng, rec: budget_view(rec, k, cfg=eng.cfg, pm=self.pm, seed=seed, n_layers=eng.n_layers)  # noqa: E731
+        if shared and key in self.shared:
+            return self.shared[key][0], view(*self.shared[key]), None
+        engine, record = select(teacher=self.teacher.model, data=self.data, cfg=cfg, variant=pv, pm=self.pm, device=self.device,
+                                k=k, progress=self.progress, stage1_from=self.stage1.get(pvl), log=self.log, run_to_budget=shared,
+                                context={"seed": seed, "selector": label(sel), "k": k, "probe_variant": pvl, "run_to_budget": shared},
+                                ckpt_dir=self.out / "checkpoints" / f"seed{seed}" / ("shared" if shared else f"k{k}") / _slug(pvl) / _slug(label(sel)))
+        if not shared:
+            return engine, record, record
+        self.shared[key] = (engine, record)
+        return engine, view(engine, record), record
+
     def _final(self, cfg: RunConfig, fv: ComponentRef, layers: list[int]) -> dict[str, Any]:
         """The final hybrid of variant ``fv`` at ``layers`` (shared by every selection that picks them), evaluated."""
         from hybridize.evaluate import merge_metrics
 
         fvl, key = label(fv), (label(fv), tuple(layers))
         if key in self.final_cache:
-            return self.final_cache[key]
+            return {**self.final_cache[key], "reused": True}
+        t0 = time.perf_counter()
         seed_dir = self.out / "checkpoints" / f"seed{cfg.seed}"
         cfg = attrs.evolve(cfg, linear_attention=fv)
         if fvl not in self.stage1:  # no selection so far ran this variant's stage 1: run the shared pass for the finals
@@ -271,12 +167,14 @@ class _Comparison:
             self.teacher.model, self.data, cfg, layers, self.stage1[fvl][0], pm=self.pm, device=self.device,
             ckpt_dir=seed_dir / f"final-{name}", progress=self.progress, tokenizer=self.teacher.tokenizer, on_step=on_step,
             save_to=self.out / "models" / f"seed{cfg.seed}" / name if self.ccfg.save_models else None, reseed=True)
+        t1 = time.perf_counter()
         evals = evaluate_hybrid(cfg.evaluators, self.pm, student, self.teacher, self.data.heldout, self.device,
                                 label=f"{fvl} {layers}", progress=self.progress)
         own = {k_: v for k_, v in report["metrics"].items() if k_ in ("heldout_kl", "student_ppl", "teacher_ppl")}
         metrics = {k_: v for k_, v in merge_metrics(own, evals).items() if k_ != "teacher_ppl"}
         self.final_cache[key] = {"metrics": metrics, "stage2_tokens": final_tokens(report),
-                                 "evals": evals, "teacher_ppl": report["metrics"].get("teacher_ppl")}
+                                 "evals": evals, "teacher_ppl": report["metrics"].get("teacher_ppl"),
+                                 "seconds": {"distill": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
         self.spent["final_distill"] += self.final_cache[key]["stage2_tokens"]
         self.spent["final_hybrids"] += 1
         return self.final_cache[key]
@@ -292,6 +190,10 @@ class _Comparison:
             "trajectory_top_k": [[w["tokens_per_probe"], w["top_k"]] for w in selection["trajectory"]],
             "tokens": row_tokens(selection["tokens"]),
             "metrics": final["metrics"], "teacher_ppl": final["teacher_ppl"],
+            "seconds": {"selection": selection.get("seconds"), "selection_stage1": selection.get("stage1_seconds"),
+                        "final_distill": final["seconds"]["distill"], "final_eval": final["seconds"]["eval"],
+                        "final_reused": bool(final.get("reused"))},
+            **({"stop_check": selection["stop_check"]} if "stop_check" in selection else {}),
         }
 
 
@@ -363,16 +265,18 @@ def _write_outputs(run: _Comparison, n_layers: int, budgets: list[Any], seeds: l
     table = aggregate(rows)
     correlation = rank_correlations(rows, run.ccfg.reference)
     overlap = overlaps(rows)
+    checks = stop_checks(rows)
     result = {
         "teacher": base.teacher, "linear_attention": base.linear_attention.name, "n_layers": n_layers,
         "selectors": [label(s) for s in run.ccfg.selectors], "budgets": budgets, "seeds": seeds,
         "probe_variants": [label(v) for v in run.probes], "final_variants": [label(v) for v in run.finals],
-        "table": table, "rows": rows, "rank_correlation": correlation, "overlap": overlap,
+        "table": table, "rows": rows, "rank_correlation": correlation, "overlap": overlap, "stop_check": checks,
         "tokens": {"spent": run.spent, "standalone_sum": run.standalone},
         "config": config,
         "plugins": run.pm.versions(), "device": str(run.device), "wall_seconds": round(seconds, 1),
     }
-    (out / "compare.md").write_text(markdown_table(table) + "\n" + report_markdown(correlation, overlap) + "\n")
+    (out / "compare.md").write_text(markdown_table(table) + "\n" + report_markdown(correlation, overlap)
+                                    + stop_markdown(checks, base.selection.stop.name) + "\n")
     write_json(out / "compare.json", result)
     variants = sorted({label(v) for v in run.finals})
     title = f"{Path(base.teacher).name}: {', '.join(variants)} hybrids"

@@ -161,6 +161,37 @@ def report_markdown(correlation: Mapping[str, Any], overlap: Sequence[Mapping[st
     return "\n".join(lines)
 
 
+def stop_checks(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The stop criterion against the full probe budget (rows of ``compare.verify_stop``): per selection and as
+    means per (selector, K, probe variant): probe tokens saved, and whether the top-K at the stop is the full budget's."""
+    per = [{"seed": r["seed"], "selector": r["selector"], "k": r["k"], "probe_variant": r.get("probe_variant"), **r["stop_check"]}
+           for r in _selections(rows).values() if r.get("stop_check")]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for p in per:
+        groups.setdefault((p["selector"], p["k"], p["probe_variant"]), []).append(p)
+    summary = [{"selector": s, "k": k, "probe_variant": pv, "selections": len(ps), "stopped": sum(p["stopped"] for p in ps),
+                "mean_saved_fraction": _mean([p["saved_fraction"] for p in ps]), "same_top_k": sum(p["same_top_k"] for p in ps)}
+               for (s, k, pv), ps in groups.items()]
+    return {"selections": per, "summary": summary}
+
+
+def stop_markdown(checks: Mapping[str, Any], stop_name: str) -> str:
+    """:func:`stop_checks` as Markdown (empty without checked rows)."""
+    if not checks["selections"]:
+        return ""
+    lines = ["", f"Stop criterion `{stop_name}` against the whole probe budget (`compare.verify_stop`): probes trained to the "
+             "budget once; each budget's selection is its top-K at the window where the criterion stopped:", "",
+             "| selector | probes | K | seed | stop window / windows | tokens per probe at stop / budget | saved | top-K at stop | at budget | same |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in checks["selections"]:
+        lines.append(f"| {p['selector']} | {p['probe_variant']} | {p['k']} | {p['seed']} | {p['stop_window'] or '-'} / {p['windows']} | "
+                     f"{p['tokens_per_probe_at_stop']:,} / {p['tokens_per_probe_budget']:,} | {100 * p['saved_fraction']:.0f}% | "
+                     f"{','.join(map(str, p['top_k_at_stop']))} | {','.join(map(str, p['top_k_at_budget']))} | {'yes' if p['same_top_k'] else 'no'} |")
+    notes = [f"{s['selector']} K={s['k']}: saved {100 * (s['mean_saved_fraction'] or 0):.0f}% of the probe tokens on average, "
+             f"stopped in {s['stopped']} of {s['selections']}, same top-K in {s['same_top_k']} of {s['selections']}" for s in checks["summary"]]
+    return "\n" + "\n".join(lines + ["", "Stop check: " + "; ".join(notes) + "."])
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -183,9 +214,18 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "selections": [r["softmax_layers"] for r in rs],
             "selection_tokens": _mean_std([r["tokens"]["selection_cost"] for r in rs]),
             "selection_compute": _mean_std([r["tokens"].get("compute") for r in rs]),
+            "selection_seconds": _mean_std([selection_seconds(r) for r in rs]),
             "metrics": {m: _mean_std([r["metrics"].get(m) for r in rs]) for m in metric_names},
         })
     return out
+
+
+def selection_seconds(row: Mapping[str, Any]) -> float | None:
+    """Wall seconds of a row's selection beyond the shared stage 1 (None for rows written before they were timed)."""
+    sec = row.get("seconds") or {}
+    if sec.get("selection") is None:
+        return None
+    return max(0.0, sec["selection"] - (sec.get("selection_stage1") or 0.0))
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -199,14 +239,16 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (metrics as mean ± std over seeds).
 
     Selection tokens: teacher-forward + stage-1 tokens (``selection_cost``); all passes: every token
-    of every forward pass of the selection, teacher or student (``compute``).
+    of every forward pass of the selection, teacher or student (``compute``); selection s: its wall seconds
+    beyond the shared stage 1 (:func:`selection_seconds`).
     """
     metric_names = list(dict.fromkeys(m for t in table for m in t["metrics"]))
     variants = len({(t.get("probe_variant"), t.get("final_variant")) for t in table}) > 1 or any(
         t.get("probe_variant") != t.get("final_variant") for t in table)
     compute = any(not math.isnan(t.get("selection_compute", (float("nan"),))[0]) for t in table)
+    timed = any(not math.isnan(t.get("selection_seconds", (float("nan"),))[0]) for t in table)
     head = ["selector"] + (["probes -> hybrid"] if variants else []) + ["K", "selected layers (per seed)", "selection tokens"]
-    head += (["all passes"] if compute else []) + metric_names
+    head += (["all passes"] if compute else []) + (["selection s"] if timed else []) + metric_names
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in table:
         n = len(t["seeds"])
@@ -216,6 +258,9 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         if compute:
             c = t.get("selection_compute", (float("nan"),))[0]
             cells.append("-" if math.isnan(c) else f"{c:,.0f}")
+        if timed:
+            sec = t.get("selection_seconds", (float("nan"),))[0]
+            cells.append("-" if math.isnan(sec) else f"{sec:.1f}")
         cells += [_fmt(*t["metrics"].get(m, (float("nan"), 0.0)), n) for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -45,9 +45,10 @@ def observe_windows(pm: Any, log: Any, **context: Any) -> Any:
 # -- selection ------------------------------------------------------------------------------------
 def select(*, teacher: Any, data: Any, cfg: Any, variant: Any, pm: Any, device: torch.device, k: int, ckpt_dir: Path,
            progress: bool, log: Any = None, context: dict[str, Any] | None = None, dist: Any = None,
-           stage1_from: Any = None) -> tuple[Any, dict[str, Any]]:
+           stage1_from: Any = None, run_to_budget: bool = False) -> tuple[Any, dict[str, Any]]:
     """One selection (``cfg`` is the run config; ``variant`` the probes'): a selection engine run, its windows and
-    steps reported when ``log`` is given (the main process), then ``hybridize_selection_done``. Returns (engine, selection)."""
+    steps reported when ``log`` is given (the main process), then ``hybridize_selection_done``. Returns (engine, selection).
+    ``run_to_budget``: probes train to the whole ``selection.probe_tokens`` whatever the stop criterion says."""
     from hybridize.selection.engine import SelectionEngine
 
     context = context or {}
@@ -55,7 +56,7 @@ def select(*, teacher: Any, data: Any, cfg: Any, variant: Any, pm: Any, device: 
                              device=device, k=k, ckpt_dir=ckpt_dir, seed=cfg.seed, progress=progress, dist=dist,
                              on_window=observe_windows(pm, log, **context) if log is not None else None,
                              on_step=observe_steps(pm, log, **context) if log is not None else None,
-                             stage1_from=stage1_from)
+                             stage1_from=stage1_from, run_to_budget=run_to_budget)
     selection = engine.run()
     if log is not None:
         pm.hook.hybridize_selection_done(softmax_layers=selection["softmax_layers"], scores=selection["scores"])

@@ -18,9 +18,10 @@ from hybridize.training.loop import rng_state
 
 
 def window_state(runs: list[ProbeRun], *, step: int, done: bool, stop_step: int | None, sampler: Any, trajectory: list,
-                 stop: Any, tokens: dict[str, int], probe_status: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """The checkpoint at the end of a window (RNG states taken now)."""
-    return {"step": step, "done": done, "stop_step": stop_step, "sampler": sampler.state_dict(),
+                 stop: Any, tokens: dict[str, int], probe_status: dict[int, dict[str, Any]],
+                 seconds: list[float] | None = None) -> dict[str, Any]:
+    """The checkpoint at the end of a window (RNG states taken now; ``seconds``: the selection's wall clock per window)."""
+    return {"step": step, "done": done, "stop_step": stop_step, "sampler": sampler.state_dict(), "seconds": list(seconds or []),
             "trajectory": trajectory, "stop": stop.state_dict(), "tokens": tokens, "rng": rng_state(),
             "probe_status": {str(l): rec for l, rec in probe_status.items()},
             "probes": {r.layer: r.state_dict() for r in runs}}

@@ -53,6 +53,11 @@ class SelectionConfig:
         probe_offload: where the probes wait while another group trains: ``host`` (pinned host memory),
             ``disk`` (a scratch file per probe under the checkpoint directory, read back at its turn) or
             ``auto`` (host when the plan finds room for them there, else disk; resolved by the recipe).
+        probe_checkpoints: where each evaluation window's checkpoint of every probe goes: ``disk`` (under the run's
+            checkpoints: a killed selection resumes from its last window) or ``memory`` (the last window only, as the
+            state a diverged probe restarts from: no disk writes per window, and ``--resume`` restarts a killed
+            selection from its first window; for short selections whose per-window writes would cost more than
+            redoing them).
         nan_retry_lr_scale: a probe whose loss or score turns NaN / inf is retried once from its last
             checkpoint with its learning rates times this factor; if it diverges again it is marked
             failed and left out of the ranking.
@@ -69,6 +74,7 @@ class SelectionConfig:
     probe_group_size: int | Literal["auto"] = attrs.field(default="auto", validator=_group_size)
     probe_trainable: str = attrs.field(default="mixers", validator=attrs.validators.in_(PROBE_TRAINABLE))
     probe_offload: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "host", "disk")))
+    probe_checkpoints: str = attrs.field(default="disk", validator=attrs.validators.in_(("disk", "memory")))
     nan_retry_lr_scale: float = attrs.field(default=0.1, validator=[gt0, attrs.validators.lt(1.0)])
 
 

@@ -16,6 +16,7 @@ divergence), :mod:`~hybridize.selection.checkpoints` (the per-window checkpoint)
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from hybridize.selection.fanout import ProbeCheckpoints, gather_window
 from hybridize.training.parallel import SINGLE
 from hybridize import faults
 from hybridize.errors import HybridizeError
+from hybridize.selection.budgets import importance_of, token_report
 from hybridize.selection.contract import ScoreContext, choose, jaccard, rank
 from hybridize.model.teacher import decoder_layers
 from hybridize.training.loop import autocast_for, set_rng_state
@@ -73,6 +75,7 @@ class SelectionEngine:
     on_step: Any = None  # (stage, step, tokens, metrics) after each step of the shared stage 1
     stage1_from: Any = None  # (modules, tokens) of a stage-1 pass already run on this teacher, data and seed
     dist: Any = None  # hybridize.training.parallel.Dist: probes fan out over its ranks, stage 1 runs data parallel
+    run_to_budget: bool = False  # train the probes to the whole probe_tokens, noting (not obeying) the stop criterion
 
 
     def __attrs_post_init__(self) -> None:
@@ -83,7 +86,8 @@ class SelectionEngine:
         self.distiller = Distiller(teacher=self.teacher, data=self.data, cfg=self.distill, device=self.device,
                                    ckpt_dir=self.ckpt_dir, seed=self.seed, progress=self.progress, dist=self.dist,
                                    on_step=self.on_step)
-        self._windows = WindowCheckpoints(ProbeCheckpoints(self.ckpt_dir, self.par) if self.ckpt_dir is not None else None)
+        on_disk = self.ckpt_dir is not None and self.cfg.probe_checkpoints == "disk"
+        self._windows = WindowCheckpoints(ProbeCheckpoints(self.ckpt_dir, self.par) if on_disk else None)
         self.guard = DivergenceGuard(lr_scale=self.cfg.nan_retry_lr_scale, train=lambda *a: self._train_window(*a),
                                      score=lambda group: self._score_window(group), restore=self._windows.restore)
         self.stage1_modules: dict[int, nn.Module] = {}
@@ -92,6 +96,8 @@ class SelectionEngine:
         self._stage1_teacher_tokens = 0
         self.trajectory: list[dict[str, Any]] = []
         self.stop_step: int | None = None
+        self._t0, self._seconds_before = time.perf_counter(), 0.0  # the selection's wall clock (resume: from its checkpoint)
+        self.window_seconds: list[float] = []  # wall seconds of the selection at the end of each window
         self.tokens = {"stage1": 0, "probe_each": 0, "probes_total": 0, "teacher_forward": 0, "teacher_backward": 0, "eval_forward": 0}
 
     @property
@@ -204,29 +210,15 @@ class SelectionEngine:
     def _failed(self) -> set[int]:
         return self.guard.failed()
 
-    def _importance(self, raw: dict[int, float]) -> dict[int, float]:
-        """The selector's importance of the healthy layers (failed probes are left out of the ranking)."""
-        failed = self._failed()
-        if not failed:
-            return self.parts.selector.importance(raw, self.n_layers, self.k)
-        healthy = {l: v for l, v in raw.items() if l not in failed}
-        if len(healthy) < self.k:
-            raise HybridizeError(
-                f"only {len(healthy)} probe(s) finished with finite scores (failed: layers {sorted(failed)}), fewer than "
-                f"K={self.k}; lower selection.probe_lr_attn / probe_lr_other and run the command again with --overwrite "
-                "(failed probes cannot be resumed), or check the data"
-            )
-        fill = sum(healthy.values()) / len(healthy)  # a neutral stand-in so the selector sees every layer
-        importance = self.parts.selector.importance({**healthy, **dict.fromkeys(failed, fill)}, self.n_layers, self.k)
-        return {l: v for l, v in importance.items() if l not in failed}
-
     def _record_window(self, step: int, tokens: int, raw: dict[int, float]) -> bool:
-        importance = self._importance(raw)
+        importance = importance_of(self.parts.selector, raw, self.n_layers, self.k, self._failed())
         top = choose(importance, self.k, self.parts.choice)
         prev = self.trajectory[-1]["top_k"] if self.trajectory else None
+        spent = {"teacher_forward": self.tokens["teacher_forward"], "eval_forward": self.tokens["eval_forward"]}  # so far
+        self.window_seconds.append(round(self._seconds_before + time.perf_counter() - self._t0, 3))  # beside: not deterministic
         self.trajectory.append({"step": step, "tokens_per_probe": tokens, "raw": {int(l): float(v) for l, v in raw.items()},
                                 "importance": {int(l): float(v) for l, v in importance.items()}, "top_k": top,
-                                "jaccard_prev": None if prev is None else jaccard(prev, top)})
+                                "jaccard_prev": None if prev is None else jaccard(prev, top), "spent": spent})
         if self.on_window is not None:
             self.on_window(self.trajectory[-1])
         return bool(self.parts.stop.update(frozenset(top)))
@@ -236,7 +228,7 @@ class SelectionEngine:
         """Checkpoint every probe, the data position and the stop state (kept in memory without ``ckpt_dir``)."""
         self._windows.save(window_state(runs, step=step, done=done, stop_step=self.stop_step, sampler=sampler,
                                         trajectory=self.trajectory, stop=self.parts.stop, tokens=self.tokens,
-                                        probe_status=self.probe_status))
+                                        probe_status=self.probe_status, seconds=self.window_seconds))
 
     def _load(self, runs: list[ProbeRun], sampler: BlockSampler) -> tuple[int, bool]:
         state = self._windows.load(self._plan)
@@ -248,6 +240,9 @@ class SelectionEngine:
         self.parts.stop.load_state_dict(state["stop"])
         set_rng_state(state["rng"])
         self.trajectory, self.stop_step = state["trajectory"], state["stop_step"]
+        self.window_seconds = list(state.get("seconds", []))
+        if self.window_seconds:
+            self._t0, self._seconds_before = time.perf_counter(), self.window_seconds[-1]
         self.tokens = {**self.tokens, **state["tokens"]}
         self.probe_status = {int(l): rec for l, rec in state.get("probe_status", {}).items()}
         return state["step"], state["done"]
@@ -287,8 +282,8 @@ class SelectionEngine:
             step += n
             self.tokens["probe_each"] = step * B * T
             stop = self._record_window(step, step * B * T, raw)
-            done = stop or step >= steps
-            if stop:
+            done = (stop and not self.run_to_budget) or step >= steps
+            if stop and self.stop_step is None:
                 self.stop_step = step
             bar.update(n)
             bar.set_postfix(top_k=self.trajectory[-1]["top_k"])
@@ -350,6 +345,7 @@ class SelectionEngine:
         """Score, rank and choose; returns the selection record for result.json."""
         needs = self.parts.selector.needs
         self.n_probes = 0
+        self._t0 = time.perf_counter()
         torch.manual_seed(self.seed)  # the all-linear student's fresh parameters (gates, output gate, ...)
         if needs in ("probes", "stage1"):
             self.distiller.evaluator.prepare()  # the reference of heldout_kl, before any scorer modifies the teacher
@@ -373,21 +369,12 @@ class SelectionEngine:
             "stop_step": self.stop_step, "components": self.parts.names, "tokens": self._token_report(),
             "linear_attention": {"name": self.variant.name, **self.variant.params},
             "probe_status": {int(l): rec for l, rec in sorted(self.probe_status.items())}, "failed_layers": sorted(self._failed()),
+            "seconds": round(self._seconds_before + time.perf_counter() - self._t0, 3), "window_seconds": list(self.window_seconds),
+            "stage1_seconds": round(self.distiller.phases.get("stage1", {}).get("seconds", 0.0), 3),
+            "token_split": {"heldout_teacher": self.distiller.evaluator.teacher_tokens, "stage1_teacher": self._stage1_teacher_tokens},
         }
 
     def _token_report(self) -> dict[str, Any]:
-        """Tokens spent, and what an independent per-probe pipeline would spend at equal probe tokens."""
-        t = dict(self.tokens)
-        n, s1, each = self.n_probes, t["stage1"], t["probe_each"]
-        heldout = self.distiller.evaluator.teacher_tokens
-        ours = t["teacher_forward"] + s1
-        # the paper's scripts: per probe, its own stage 1 (training + teacher forwards), its own teacher
-        # forwards for its probe tokens and for its held-out evaluation
-        indep = n * (2 * s1 + each + heldout) if n else ours
-        t.update(n_probes=n, selection_cost=ours, independent_pipeline_equivalent=indep,
-                 cost_ratio=round(ours / indep, 4) if indep else 1.0)
-        # every token of every forward pass, teacher or student (training passes also run a backward):
-        # the cost that compares probe selectors with teacher-only proxies
-        t["compute"] = t["teacher_forward"] + s1 + t["probes_total"] + t["eval_forward"]
-        t["compute_beyond_stage1"] = t["compute"] - s1 - self._stage1_teacher_tokens
-        return t
+        """Tokens spent (:func:`hybridize.selection.budgets.token_report`)."""
+        return token_report(self.tokens, n_probes=self.n_probes, heldout_teacher=self.distiller.evaluator.teacher_tokens,
+                            stage1_teacher=self._stage1_teacher_tokens)

@@ -175,8 +175,12 @@ def _haystack(kind: str, essays_dir: str | None) -> Any:
     return prepare_niah.get_haystack(type_haystack=kind)  # essay: the hub copy (online only)
 
 
-def _samples(name: str, tokenizer: Any, length: int, n: int, essays_dir: str | None) -> list[dict]:
-    """``n`` documents of one synthetic subtask at one length, from lm-eval's generators."""
+def samples(name: str, tokenizer: Any, length: int, n: int, essays_dir: str | None) -> list[dict]:
+    """``n`` documents of one synthetic subtask at one length, from lm-eval's generators (lm-eval's document
+    schema: ``input``, ``outputs``, ``gen_prefix``, ``length``, ...; the essays from ``essays_dir``, else the hub).
+
+    Call it inside :func:`hybridize.plugins.evals.network.network` (lm-eval's RULER module downloads nltk data
+    on import otherwise) and after :func:`sentence_splitter` for the essay subtasks, as the evaluator does."""
     if name in NIAH:
         from lm_eval.tasks.ruler import niah_utils, prepare_niah
 
@@ -208,7 +212,7 @@ def dataset_fn(name: str, tokenizer: Any, lengths: Sequence[int], n: int, essays
     def build(**_metadata: Any) -> dict:
         import datasets
 
-        rows = [row for length in lengths for row in _samples(name, tokenizer, length, n, essays_dir)]
+        rows = [row for length in lengths for row in samples(name, tokenizer, length, n, essays_dir)]
         return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
 
     return build

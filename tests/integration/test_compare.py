@@ -214,3 +214,30 @@ def test_compare_refuses_an_impossible_gap_before_any_work(setup, tmp_path):
     with pytest.raises(ConfigError, match="selector 'uniform' field 'min_gap' must leave room for K=3 softmax layers among 4"):
         compare(base, ccfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_verify_stop_reads_every_budget_off_one_probe_run(setup, tmp_path):
+    """compare.verify_stop: one probe run to the whole budget serves K=1 and K=2; each budget's selection, tokens and
+    final hybrid equal those of a compare whose selections stop on their own, and stop_check reports the saving."""
+    from hybridize.recipes.compare import compare
+
+    root, teacher = setup
+    results = {}
+    for verify in (False, True):
+        tree = config(root, teacher, selectors=["kl-greedy-add", "uniform"], seeds=[0], verify_stop=verify)
+        tree["selection"] = {"stop": {"name": "rolling-jaccard", "windows": 2}, "probe_tokens": 1024, "eval_every": 1,
+                             "probe_checkpoints": "memory"}
+        base, ccfg = compare_config_from_dict(tree)
+        results[verify] = compare(base, ccfg, tmp_path / f"v{verify}", progress=False)
+    key = lambda r: (r["selector"], r["k"])  # noqa: E731
+    plain, checked = (sorted(results[v]["rows"], key=key) for v in (False, True))
+    for a, b in zip(plain, checked):
+        assert (a["softmax_layers"], a["stop_step"], a["tokens"]) == (b["softmax_layers"], b["stop_step"], b["tokens"])
+        assert a["metrics"]["heldout_kl"] == pytest.approx(b["metrics"]["heldout_kl"], rel=1e-6)
+        assert b["seconds"]["selection"] >= 0 and ("stop_check" in b) == (b["selector"] == "kl-greedy-add")
+    checks = results[True]["stop_check"]["selections"]
+    assert [c["k"] for c in checks] == [1, 2] and all(c["windows"] == 4 and c["tokens_per_probe_budget"] == 1024 for c in checks)
+    for c, row in zip(checks, (r for r in checked if r["selector"] == "kl-greedy-add")):
+        assert c["saved_fraction"] == pytest.approx(1 - c["tokens_per_probe_at_stop"] / 1024)
+        assert c["top_k_at_stop"] == row["softmax_layers"] and c["same_top_k"] == (sorted(c["top_k_at_budget"]) == row["softmax_layers"])
+    assert "Stop criterion `rolling-jaccard` against the whole probe budget" in (tmp_path / "vTrue" / "compare.md").read_text()
