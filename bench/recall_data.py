@@ -64,6 +64,9 @@ KINDS = (*NIAH_KINDS, "vt", "text")
 #: share of each kind among training rows (the four evaluated tasks' kinds weigh most)
 DEFAULT_MIX = {"single_repeat": 0.12, "single_essay": 0.15, "multikey_essay": 0.15, "multikey_needle": 0.15,
                "multivalue": 0.06, "multiquery": 0.06, "vt": 0.06, "text": 0.25}
+#: the start of training (short documents): the densest retrieval, a needle haystack asked several times, and one
+#: needle in repeated sentences; the mix with which a CPU model learnt to retrieve (docs/benchmarks.md, issue 20)
+DENSE_MIX = {"single_repeat": 0.4, "multikey_needle": 0.4, "text": 0.2}
 
 
 @attrs.frozen
@@ -354,9 +357,10 @@ class RecallData:
                    ids=tuple(self.encode(text, bos=True)), answer_ids=tuple(self.encode(answer, bos=False)))
 
     # -- rows --------------------------------------------------------------------------------------------
-    def kind(self, rng: random.Random) -> str:
-        kinds = list(self.mix)
-        return rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0]
+    def kind(self, rng: random.Random, mix: dict[str, float] | None = None) -> str:
+        mix = mix or self.mix
+        kinds = list(mix)
+        return rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
 
     def least_tokens(self, kind: str) -> int:
         """About the fewest tokens a ``kind`` document takes (no haystack; room for long keys)."""
@@ -386,19 +390,21 @@ class RecallData:
             out += [self.bos] + docs[rng.randrange(len(docs))] + [self.eos]
         return out[:n]
 
-    def row(self, rng: random.Random, T: int, doc_max: int | None = None) -> tuple[list[int], list[int]]:
+    def row(self, rng: random.Random, T: int, doc_max: int | None = None, mix: dict[str, float] | None = None
+            ) -> tuple[list[int], list[int]]:
         """One training row: (T token ids, T answer flags), flag 1 where the token is part of an answer (or its EOS).
 
         Retrieval documents of at most ``doc_max`` tokens (default T) follow each other from position 0 while
         they fit (with ``doc_max`` < T several share a row: denser answers for a short-context start); a draw of
-        ``text``, or a remainder too short for the drawn kind, ends the row with natural text."""
+        ``text``, or a remainder too short for the drawn kind, ends the row with natural text. ``mix``: the kinds'
+        shares for this row (default the generator's)."""
         ids: list[int] = []
         flags: list[int] = []
-        too_long = [k for k in self.mix if k != "text" and self.mix[k] > 0 and self.least_tokens(k) > T]
+        too_long = [k for k, w in (mix or self.mix).items() if k != "text" and w > 0 and self.least_tokens(k) > T]
         if too_long:
             raise ValueError(f"{too_long} documents need more tokens than rows of {T} hold with this tokenizer; raise the row length")
         while True:
-            kind, room = self.kind(rng), T - len(ids)
+            kind, room = self.kind(rng, mix), T - len(ids)
             if kind == "text" or self.least_tokens(kind) > room:
                 return ids + self._fill(rng, room), flags + [0] * room
             doc = self.document(rng, kind, min(room, self.doc_length(rng, kind, doc_max or T)))
@@ -407,12 +413,13 @@ class RecallData:
             for q, a in doc.tail:  # then more questions about the same haystack, after the EOS
                 ids, flags = ids + list(q) + list(a), flags + [0] * len(q) + [1] * len(a)
 
-    def batch(self, seed: int, T: int, rows: int, doc_max: int | None = None) -> tuple[Any, Any]:
+    def batch(self, seed: int, T: int, rows: int, doc_max: int | None = None, mix: dict[str, float] | None = None
+              ) -> tuple[Any, Any]:
         """``rows`` training rows from ``seed`` (:meth:`row`): int64 ids and uint8 answer flags, each (rows, T)."""
         import numpy as np
 
         rng = random.Random(seed)
-        made = [self.row(rng, T, doc_max) for _ in range(rows)]
+        made = [self.row(rng, T, doc_max, mix) for _ in range(rows)]
         return np.array([m[0] for m in made], dtype=np.int64), np.array([m[1] for m in made], dtype=np.uint8)
 
     # -- a corpus for hybridize compare --------------------------------------------------------------------------

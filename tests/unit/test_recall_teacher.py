@@ -146,9 +146,10 @@ def test_tiny_teacher_trains_is_measured_and_joins(gen, tmp_path):
 def test_curriculum_and_flops():
     import recall_teacher as rt
 
-    assert rt.lengths(2048) == [(0.2, 512, 192), (0.35, 512, 512), (0.5, 1024, 1024), (1.0, 2048, 2048)]
-    assert rt.lengths(512) == [(0.2, 512, 192), (1.0, 512, 512)]
-    assert [rt.phase(p, 2048) for p in (0.0, 0.3, 0.4, 0.6, 0.99)] == [(512, 192), (512, 512), (1024, 1024), (2048, 2048), (2048, 2048)]
+    assert rt.lengths(2048) == [(0.3, 512, 192), (0.4, 512, 512), (0.5, 1024, 1024), (1.0, 2048, 2048)]
+    assert rt.lengths(512) == [(0.3, 512, 192), (1.0, 512, 512)]
+    assert [rt.phase(p, 2048) for p in (0.0, 0.35, 0.45, 0.6, 0.99)] == [
+        (512, 192, True), (512, 512, False), (1024, 1024, False), (2048, 2048, False), (2048, 2048, False)]
 
     class Tok:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
