@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20 on one GPU, in two device calls of under 10 minutes each (bench/README.md "recall_compare.sh"):
 #
-#   bench/recall_compare.sh teacher    # train the recall teacher (MINUTES=7), RULER through lm-eval, per-layer ablation
+#   bench/recall_compare.sh teacher    # train the recall teacher (MINUTES=6.5), RULER through lm-eval, per-layer ablation
 #   bench/recall_compare.sh compare    # join the teacher from its pieces if it is not here, write the corpus, hybridize compare
 #   bench/recall_compare.sh check      # only the environment: versions, lm-eval / fla importable, the data found
 #
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/recall12}
 PIECES=${PIECES:-$WORK/pieces}
 OUTDIR=${OUT:-$WORK/out}
-MINUTES=${MINUTES:-7}
+MINUTES=${MINUTES:-6.5}
 COMPARE_LIMIT_S=${COMPARE_LIMIT_S:-555}
 CORPUS_TOKENS=${CORPUS_TOKENS:-2097152}
 SEQ=${SEQ:-2048}                 # the teacher's row length, the corpus's blocks (the config's data.seq_len)

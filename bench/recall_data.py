@@ -64,6 +64,9 @@ KINDS = (*NIAH_KINDS, "vt", "text")
 #: share of each kind among training rows (the four evaluated tasks' kinds weigh most)
 DEFAULT_MIX = {"single_repeat": 0.12, "single_essay": 0.15, "multikey_essay": 0.15, "multikey_needle": 0.15,
                "multivalue": 0.06, "multiquery": 0.06, "vt": 0.06, "text": 0.25}
+#: the start of training (short documents): the densest retrieval, a needle haystack asked several times, and one
+#: needle in repeated sentences; the mix with which a CPU model learnt to retrieve (docs/benchmarks.md, issue 20)
+DENSE_MIX = {"single_repeat": 0.4, "multikey_needle": 0.4, "text": 0.2}
 
 
 @attrs.frozen
@@ -186,6 +189,11 @@ class Doc:
         answers: the reference strings (lm-eval scores a prediction by containing each of them).
         needles: the needle sentences placed in the haystack.
         ids / answer_ids: tokens of ``context`` (BOS first) and of ``answer`` (no special tokens).
+        tail: more questions, each (question ids, answer ids): the same question line and ``gen_prefix`` about
+            another needle of the haystack (a multi-key or needle haystack has several), so a document teaches
+            retrieval several times. A row puts them after the answer's EOS: lm-eval asks once, and the teacher
+            learns to stop after its first answer.
+        tail_text: the tail as text (the compare corpus); tail_answers: its reference values.
     """
 
     kind: str
@@ -195,6 +203,13 @@ class Doc:
     needles: tuple[str, ...]
     ids: tuple[int, ...]
     answer_ids: tuple[int, ...]
+    tail: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    tail_text: str = ""
+    tail_answers: tuple[str, ...] = ()
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids) + len(self.answer_ids) + 1 + sum(len(q) + len(a) for q, a in self.tail)  # 1: the EOS
 
 
 class RecallData:
@@ -207,16 +222,17 @@ class RecallData:
         texts: natural-text documents for plain rows and fillers.
         mix: kind -> share of the rows (:data:`DEFAULT_MIX`).
         offset0: share of essay haystacks that start at the essays' first sentence, as lm-eval's always do.
+        tail_questions: the most questions after the first one, about other needles (:attr:`Doc.tail`).
     """
 
     def __init__(self, tokenizer: Any, strings: RulerStrings, sentences: Sequence[str], texts: Sequence[str],
-                 mix: dict[str, float] | None = None, offset0: float = 0.3):
+                 mix: dict[str, float] | None = None, offset0: float = 0.3, tail_questions: int = 4):
         self.tok, self.s, self.sentences, self.texts = tokenizer, strings, list(sentences), list(texts)
         self.mix = dict(mix or DEFAULT_MIX)
         bad = sorted(set(self.mix) - set(KINDS))
         if bad or not self.mix or min(self.mix.values()) < 0 or sum(self.mix.values()) <= 0:
             raise ValueError(f"mix must give shares >= 0 to kinds among {KINDS}; got {self.mix}")
-        self.offset0 = offset0
+        self.offset0, self.tail_questions = offset0, tail_questions
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.sent_tokens = self._count([" " + x for x in self.sentences])
         self.repeat_tokens = self._count(["\n" + strings.repeat_haystack])[0]
@@ -231,14 +247,14 @@ class RecallData:
 
     # -- retrieval documents -------------------------------------------------------------------------
     def document(self, rng: random.Random, kind: str, max_tokens: int, room: int | None = None) -> Doc:
-        """One ``kind`` document whose context and answer take at most ``max_tokens`` tokens (BOS included);
+        """One ``kind`` document whose tokens (BOS, context, answer, EOS, tail) are at most ``max_tokens``;
         ``room`` fixes the haystack's tokens instead (0: needles only)."""
         if kind not in KINDS or kind == "text":
             raise ValueError(f"kind must be one of {KINDS[:-1]}; got {kind!r}")
         budget = max_tokens
         for _ in range(6):  # shrink the haystack until the document fits
             doc = self._vt(rng, budget, room) if kind == "vt" else self._niah(rng, kind, budget, room)
-            over = len(doc.ids) + len(doc.answer_ids) - max_tokens
+            over = doc.n_tokens - max_tokens
             if over <= 0:
                 return doc
             budget -= over + 8
@@ -256,15 +272,30 @@ class RecallData:
         one = len(answers) == 1
         template = self._singular(self.s.niah_template) if one else self.s.niah_template
         head = template.format(type_needle_v="number" if one else "numbers", context="\x00", query=query)
+        pool = [(keys[i], values[i][0]) for i in range(n_keys) if i not in asked and n_values == 1]
+        n_tail = min(self.tail_questions, len(pool) + (self.tail_questions if haystack == "needle" else 0))
         if room is None:
-            room = budget - len(self.encode(head, bos=True)) - sum(self._count(needles)) - 24
-        context = self._context(rng, haystack, needles, max(room, 0))
-        prefix = (f"The special magic number for {query} mentioned in the provided text is" if one
-                  else f"The special magic numbers for {query} mentioned in the provided text are")
-        text = head.replace("\x00", context) + " " + prefix
+            room = budget - len(self.encode(head, bos=True)) - sum(self._count(needles)) - 24 - 40 * n_tail
+        context, distractors = self._context(rng, haystack, needles, max(room, 0))
+        text = head.replace("\x00", context) + " " + self._prefix(query, one)
         answer = " " + _joined(list(answers)) + "."
+        pool += distractors
+        tail = rng.sample(pool, min(n_tail, len(pool)))
+        pieces = [(self._question(k) + " " + self._prefix(k, True), f" {v}.") for k, v in tail]
         return Doc(kind=kind, context=text, answer=answer, answers=answers, needles=tuple(needles),
-                   ids=tuple(self.encode(text, bos=True)), answer_ids=tuple(self.encode(answer, bos=False)))
+                   ids=tuple(self.encode(text, bos=True)), answer_ids=tuple(self.encode(answer, bos=False)),
+                   tail=tuple((tuple(self.encode(q, bos=False)), tuple(self.encode(a, bos=False))) for q, a in pieces),
+                   tail_text="".join(q + a for q, a in pieces), tail_answers=tuple(v for _, v in tail))
+
+    @staticmethod
+    def _prefix(query: str, one: bool) -> str:
+        """lm-eval's ``gen_prefix`` of a niah sample."""
+        return (f"The special magic number for {query} mentioned in the provided text is" if one
+                else f"The special magic numbers for {query} mentioned in the provided text are")
+
+    def _question(self, key: str) -> str:
+        """The template's question line (after the context) for one key, one value: ``\nWhat is ... for KEY ...?``."""
+        return self._singular(self.s.niah_template).split("{context}")[1].format(type_needle_v="number", query=key)
 
     @staticmethod
     def _singular(template: str) -> str:
@@ -273,19 +304,21 @@ class RecallData:
             template = template.replace(a, b)
         return template
 
-    def _context(self, rng: random.Random, haystack: str, needles: list[str], room: int) -> str:
-        """The haystack with the needles in it, about ``room`` tokens of haystack."""
+    def _context(self, rng: random.Random, haystack: str, needles: list[str], room: int) -> tuple[str, list[tuple[str, str]]]:
+        """The haystack with the needles in it, about ``room`` tokens of haystack; and the (key, value) of every
+        distractor needle (a needle haystack's lines)."""
         if haystack == "essay":
-            return self._essay(rng, needles, room)
+            return self._essay(rng, needles, room), []
+        pairs: list[tuple[str, str]] = []
         if haystack == "repeat":
             units = [self.s.repeat_haystack] * max(len(needles), room // self.repeat_tokens)
         else:
             per = max(1, len(self.encode("\n" + needles[0], bos=False)))
-            units = [self.s.needle.format(type_needle_v="numbers", key=_key(rng, self.s), value=_number(rng))
-                     for _ in range(max(len(needles), room // per))]
+            pairs = [(_key(rng, self.s), _number(rng)) for _ in range(max(len(needles), room // per))]
+            units = [self.s.needle.format(type_needle_v="numbers", key=k, value=v) for k, v in pairs]
         for index, needle in zip(sorted(rng.sample(range(len(units)), len(needles)), reverse=True), needles):
             units.insert(index, needle)
-        return "\n".join(units)
+        return "\n".join(units), pairs
 
     def _essay(self, rng: random.Random, needles: list[str], room: int) -> str:
         """Essay sentences from the first one (share ``offset0``) or a random one, needles at sampled depths."""
@@ -324,24 +357,25 @@ class RecallData:
                    ids=tuple(self.encode(text, bos=True)), answer_ids=tuple(self.encode(answer, bos=False)))
 
     # -- rows --------------------------------------------------------------------------------------------
-    def kind(self, rng: random.Random) -> str:
-        kinds = list(self.mix)
-        return rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0]
+    def kind(self, rng: random.Random, mix: dict[str, float] | None = None) -> str:
+        mix = mix or self.mix
+        kinds = list(mix)
+        return rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
 
     def least_tokens(self, kind: str) -> int:
         """About the fewest tokens a ``kind`` document takes (no haystack; room for long keys)."""
         if kind not in self._least:
             rng = random.Random(0)
-            sizes = [len(d.ids) + len(d.answer_ids) for d in (self.document(rng, kind, 10**6, room=0) for _ in range(8))]
+            sizes = [d.n_tokens for d in (self.document(rng, kind, 10**6, room=0) for _ in range(8))]
             self._least[kind] = max(sizes) + 16
         return self._least[kind]
 
-    def doc_length(self, rng: random.Random, kind: str, T: int) -> int:
-        """A ``kind`` document's token budget in a row of T: half near the row length, half anywhere above its least."""
+    def doc_length(self, rng: random.Random, kind: str, most: int) -> int:
+        """A ``kind`` document's token budget up to ``most``: half in its top 40%, half anywhere above the kind's least
+        (the least when ``most`` is below it)."""
         lo = self.least_tokens(kind)
-        if lo > T:
-            raise ValueError(f"a {kind} document needs about {lo} tokens with this tokenizer; rows of {T} are too short")
-        return rng.randint(max(lo, int(0.6 * T)), T) if rng.random() < 0.5 else rng.randint(lo, T)
+        hi = max(lo, most)
+        return rng.randint(max(lo, int(0.6 * hi)), hi) if rng.random() < 0.5 else rng.randint(lo, hi)
 
     def _text_tokens(self) -> list[list[int]]:
         if self._text_ids is None:
@@ -356,33 +390,48 @@ class RecallData:
             out += [self.bos] + docs[rng.randrange(len(docs))] + [self.eos]
         return out[:n]
 
-    def row(self, rng: random.Random, T: int) -> tuple[list[int], list[int]]:
-        """One training row: (T token ids, T answer flags), flag 1 where the token is part of an answer (or its EOS)."""
-        kind = self.kind(rng)
-        if kind == "text":
-            return self._fill(rng, T), [0] * T
-        doc = self.document(rng, kind, self.doc_length(rng, kind, T) - 1)
-        ids = list(doc.ids) + list(doc.answer_ids) + [self.eos]
-        flags = [0] * len(doc.ids) + [1] * (len(doc.answer_ids) + 1)
-        return ids + self._fill(rng, T - len(ids)), flags + [0] * (T - len(ids))
+    def row(self, rng: random.Random, T: int, doc_max: int | None = None, mix: dict[str, float] | None = None
+            ) -> tuple[list[int], list[int]]:
+        """One training row: (T token ids, T answer flags), flag 1 where the token is part of an answer (or its EOS).
 
-    def batch(self, seed: int, T: int, rows: int) -> tuple[Any, Any]:
-        """``rows`` training rows from ``seed``: int64 ids and uint8 answer flags, each (rows, T)."""
+        Retrieval documents of at most ``doc_max`` tokens (default T) follow each other from position 0 while
+        they fit (with ``doc_max`` < T several share a row: denser answers for a short-context start); a draw of
+        ``text``, or a remainder too short for the drawn kind, ends the row with natural text. ``mix``: the kinds'
+        shares for this row (default the generator's)."""
+        ids: list[int] = []
+        flags: list[int] = []
+        too_long = [k for k, w in (mix or self.mix).items() if k != "text" and w > 0 and self.least_tokens(k) > T]
+        if too_long:
+            raise ValueError(f"{too_long} documents need more tokens than rows of {T} hold with this tokenizer; raise the row length")
+        while True:
+            kind, room = self.kind(rng, mix), T - len(ids)
+            if kind == "text" or self.least_tokens(kind) > room:
+                return ids + self._fill(rng, room), flags + [0] * room
+            doc = self.document(rng, kind, min(room, self.doc_length(rng, kind, doc_max or T)))
+            ids = ids + list(doc.ids) + list(doc.answer_ids) + [self.eos]  # EOS right after lm-eval's answer: stop there
+            flags = flags + [0] * len(doc.ids) + [1] * (len(doc.answer_ids) + 1)
+            for q, a in doc.tail:  # then more questions about the same haystack, after the EOS
+                ids, flags = ids + list(q) + list(a), flags + [0] * len(q) + [1] * len(a)
+
+    def batch(self, seed: int, T: int, rows: int, doc_max: int | None = None, mix: dict[str, float] | None = None
+              ) -> tuple[Any, Any]:
+        """``rows`` training rows from ``seed`` (:meth:`row`): int64 ids and uint8 answer flags, each (rows, T)."""
         import numpy as np
 
         rng = random.Random(seed)
-        made = [self.row(rng, T) for _ in range(rows)]
+        made = [self.row(rng, T, doc_max, mix) for _ in range(rows)]
         return np.array([m[0] for m in made], dtype=np.int64), np.array([m[1] for m in made], dtype=np.uint8)
 
     # -- a corpus for hybridize compare --------------------------------------------------------------------------
     def corpus_rows(self, rng: random.Random, T: int) -> list[str]:
         """One row as text documents whose tokens with hybridize's separators (BOS + document + EOS each)
-        fill exactly T: a retrieval document (context and answer as one text) or none, then natural text."""
+        fill exactly T: a retrieval document (context and answer as one text; its tail questions as the next
+        document) or none, then natural text."""
         docs: list[str] = []
         kind = self.kind(rng)
         if kind != "text":
             doc = self.document(rng, kind, self.doc_length(rng, kind, T) - 8)
-            docs.append(doc.context + doc.answer)
+            docs += [doc.context + doc.answer] + ([doc.tail_text.strip()] if doc.tail else [])  # hybridize strips documents
         gap = T - sum(len(self.encode(d, bos=False)) + 2 for d in docs)
         while gap:
             text, n = self._exact_text(rng, gap)

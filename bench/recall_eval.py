@@ -6,10 +6,10 @@
 - Held-out loss: mean next-token cross-entropy on TinyStories stories held out of training (packed like
   hybridize's data, BOS / EOS between documents).
 - Ablation: each layer's attention output is replaced by its mean over the held-out blocks (mean ablation:
-  the layer's average contribution stays, what it reads from the context goes). Per layer, the niah score is the
-  greedy answer match on lm-eval's own samples (the same generators, prompts and ``gen_prefix``): the answer's
-  tokens (`` 1234567``) are all the model's argmax after the context, which is exactly when greedy decoding
-  starts with the answer (one forward per sample instead of a generation), and the held-out loss.
+  the layer's average contribution stays, what it reads from the context goes). Per layer, the niah score on
+  lm-eval's own samples (the same generators, prompts and ``gen_prefix``), generated greedily for at most
+  ``GEN_TOKENS`` new tokens (the answer is 9 and its EOS) and scored by lm-eval's RULER ``string_match_all``
+  (lm-eval itself generates up to 128), and the held-out loss.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multikey_2")
+GEN_TOKENS = 16
 
 
 def heldout_blocks(tok: Any, texts: Sequence[str], T: int, n: int) -> torch.Tensor:
@@ -90,34 +91,33 @@ def _request(sample: dict) -> str:
     return sample["input"] + sep + sample["gen_prefix"]
 
 
-def match_items(tok: Any, samples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
-    """(context ids with BOS, answer ids) of single-answer samples: the answer as the teacher writes it, after a space."""
-    items = []
-    for s in samples:
-        if len(s["outputs"]) != 1:
-            raise ValueError(f"answer match needs one answer per sample; got {s['outputs']}")
-        items.append((tok(_request(s))["input_ids"], tok(" " + s["outputs"][0], add_special_tokens=False)["input_ids"]))
-    return items
+def match_items(tok: Any, samples: Sequence[dict]) -> list[tuple[list[int], list[str]]]:
+    """(context ids with BOS, the reference strings) of each sample, the context as lm-eval's HFLM encodes it."""
+    return [(tok(_request(s))["input_ids"], list(s["outputs"])) for s in samples]
 
 
 @torch.no_grad()
-def answer_match(model: torch.nn.Module, items: Sequence[tuple[list[int], list[int]]], device: torch.device, pad: int,
-                 batch: int = 8) -> float:
-    """Share of items whose answer tokens are all the model's argmax given the context and the answer so far."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
-    hits = 0
+def answer_match(model: torch.nn.Module, tok: Any, items: Sequence[tuple[list[int], list[str]]], device: torch.device,
+                 batch: int = 16) -> float:
+    """RULER's score of greedy generations of at most GEN_TOKENS tokens (left-padded batches, stop at EOS)."""
+    from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
+
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    preds: dict[int, str] = {}
     for start in range(0, len(order), batch):
-        group = [items[i] for i in order[start : start + batch]]
-        width = max(len(c) + len(a) - 1 for c, a in group)
-        x = torch.full((len(group), width), pad, dtype=torch.long)
-        for r, (c, a) in enumerate(group):  # right padding: causal attention never sees it
-            seq = c + a[:-1]
-            x[r, : len(seq)] = torch.tensor(seq)
-        h = model.model(input_ids=x.to(device), use_cache=False).last_hidden_state
-        for r, (c, a) in enumerate(group):
-            pred = model.lm_head(h[r, len(c) - 1 : len(c) - 1 + len(a)]).argmax(-1).cpu()
-            hits += int(torch.equal(pred, torch.tensor(a)))
-    return hits / max(len(items), 1)
+        group = order[start : start + batch]
+        width = max(len(items[i][0]) for i in group)
+        x = torch.full((len(group), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for r, i in enumerate(group):
+            c = items[i][0]
+            x[r, width - len(c):], mask[r, width - len(c):] = torch.tensor(c), 1
+        out = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), max_new_tokens=GEN_TOKENS, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for r, i in enumerate(group):
+            preds[i] = tok.decode(out[r, width:], skip_special_tokens=True)
+    ids = sorted(preds)
+    return string_match_all(postprocess_pred([preds[i] for i in ids]), [items[i][1] for i in ids])
 
 
 @torch.no_grad()
@@ -157,13 +157,12 @@ def mean_ablated(model: torch.nn.Module, layer: int, mean: torch.Tensor) -> Iter
 
 
 def ablation(model: torch.nn.Module, tok: Any, blocks: torch.Tensor, samples: dict[str, list[dict]],
-             device: torch.device) -> dict[str, Any]:
-    """The teacher and each mean-ablated layer: answer match per task, its mean, held-out loss."""
+             device: torch.device, batch: int = 16) -> dict[str, Any]:
+    """The teacher and each mean-ablated layer: RULER score per task, its mean, held-out loss."""
     items = {t: match_items(tok, s) for t, s in samples.items()}
-    pad = tok.pad_token_id
 
     def measure() -> dict[str, Any]:
-        match = {t: answer_match(model, it, device, pad) for t, it in items.items()}
+        match = {t: answer_match(model, tok, it, device, batch) for t, it in items.items()}
         return {"match": match, "mean": sum(match.values()) / len(match), "heldout_loss": heldout_loss(model, blocks, device)}
 
     t0 = time.perf_counter()
@@ -191,7 +190,7 @@ def evaluate(model: torch.nn.Module, tok: Any, held_texts: Sequence[str], args: 
     n = args.eval_limit if args.ablation_limit < 0 else args.ablation_limit
     if n:
         samples = ruler_samples(tok, seq=args.seq, n=n, essays=args.essays, seed=10_000 + args.seed)
-        out["ablation"] = ablation(model, tok, blocks, samples, device)
+        out["ablation"] = ablation(model, tok, blocks, samples, device, batch)
         print(f"[eval] ablation ({out['ablation']['seconds']} s): teacher match {out['ablation']['teacher']['mean']:.3f}; drop per layer "
               + " ".join(f"{r['layer']}:{r['drop']:+.2f}" for r in out["ablation"]["layers"]), flush=True)
     return out
@@ -214,11 +213,12 @@ def markdown(record: dict[str, Any]) -> str:
              f"vocab {record['vocab']}, {record['params']:,} parameters; {tr['steps']} steps, {tr['tokens']:,} tokens in "
              f"{tr['seconds']} s ({tr['tokens_per_s']:,.0f} tokens/s overall"
              + (f"; {tps:,.0f} tokens/s and {100 * mfu:.1f}% MFU at rows of {a['seq']}" if tps else "") + "); "
-             f"tokens by row length {tr['tokens_by_row_length']}. Held-out loss {ev['heldout']['loss']:.4f} nats/token "
+             f"tokens by row / longest document length {tr['tokens_by_row_and_doc_length']}. Held-out loss {ev['heldout']['loss']:.4f} nats/token "
              f"({ev['heldout']['blocks']} blocks of {a['seq']}, {ev['heldout']['data']}).", ""]
     ab = ev.get("ablation")
     if "ruler" in ev or ab:
-        lines += [f"| task (RULER at {a['seq']}) | lm-eval score | samples | greedy answer match | samples |", "|---|---|---|---|---|"]
+        lines += [f"| task (RULER at {a['seq']}) | lm-eval score | samples | greedy, {GEN_TOKENS} tokens (the ablation's) | samples |",
+                  "|---|---|---|---|---|"]
         for t in TASKS:
             r = ev.get("ruler", {})
             lm = r.get("metrics", {}).get(t)
@@ -226,7 +226,8 @@ def markdown(record: dict[str, Any]) -> str:
                          f"{'-' if not ab else format(ab['teacher']['match'][t], '.3f')} | "
                          f"{'-' if not ab else ab['samples_per_task'][t]} |")
     if ab:
-        lines += ["", f"Ablation ({ab['method']}; answer match on lm-eval's samples, held-out loss in nats/token):", "",
+        lines += ["", f"Ablation ({ab['method']}; RULER score of {GEN_TOKENS}-token greedy generations on lm-eval's samples, "
+                  "held-out loss in nats/token):", "",
                   "| layer | " + " | ".join(TASKS) + " | mean | drop | held-out loss | delta loss |", "|---" * (len(TASKS) + 5) + "|"]
         base = ab["teacher"]
         lines.append("| none (teacher) | " + " | ".join(f"{base['match'][t]:.3f}" for t in TASKS)
@@ -254,7 +255,7 @@ def plot(record: dict[str, Any], path: Path) -> Path | None:
     for j, t in enumerate(TASKS):
         a1.bar([l + (j - 1.5) * width for l in layers], [r["match"][t] for r in ab["layers"]], width, label=t)
     a1.axhline(ab["teacher"]["mean"], color="k", ls="--", lw=1, label="teacher (mean)")
-    a1.set(xlabel="mean-ablated layer", ylabel="greedy answer match", title="RULER niah with one layer's attention ablated",
+    a1.set(xlabel="mean-ablated layer", ylabel=f"RULER score ({GEN_TOKENS}-token greedy)", title="RULER niah with one layer's attention ablated",
            xticks=layers, ylim=(0, 1.05))
     a1.legend(fontsize=7)
     a2.bar(layers, [r["delta_loss"] for r in ab["layers"]], color="C4")

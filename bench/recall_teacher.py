@@ -1,9 +1,15 @@
 """Train the recall teacher of issue 20: a 12-layer GQA Llama that finds needles at 2048 tokens, then measure it.
 
 The teacher trains on rows of bench/recall_data.py: RULER-style retrieval documents (needles in repeated-sentence,
-essay and needle haystacks; several keys, values and queries; variable tracking), each from position 0 of a row,
-then natural text (TinyStories, essays), and plain natural-text rows. Curriculum: rows of 512, then 1024, then the
-full length (15% / 20% / 65% of the run), at a constant number of tokens per step. Loss: the mean next-token
+essay and needle haystacks; several keys, values and queries; variable tracking; after lm-eval's question, more
+questions about the haystack's other needles), from position 0 of a row and packed while they fit, then natural
+text (TinyStories, essays); and plain natural-text rows. Curriculum (:data:`SHORT_PHASES`): rows of 512 holding
+documents of at most 192 tokens drawn from :data:`recall_data.DENSE_MIX` (30% of the run: several short documents
+per row, each needle close to its question, mostly needle haystacks asked several times), then all kinds with
+documents up to 512, then rows and documents of 1024 (10% each), then the full length (50%), at a constant number
+of tokens per step. On the CPU (2 layers, d=128, rows of 512) documents near the row length kept the answer digits
+at chance for 12M tokens, while 192-token packed documents of the dense mix reached 0.91-0.93 answer-token accuracy
+after 10-14M tokens, twice (docs/benchmarks.md, issue 20). Loss: the mean next-token
 cross-entropy over all tokens plus ``--answer-weight`` x the mean over the answer tokens (and their EOS), so the
 few answer tokens per row are not drowned by the haystack. AdamW (hybridize's ``Optimization``: fused on CUDA,
 clipping 1.0) with warm-up and a cosine to 10% over the run's progress (its steps, or its wall-clock budget with
@@ -12,7 +18,7 @@ clipping 1.0) with warm-up and a cosine to 10% over the run's progress (its step
 After training (bench/recall_eval.py): RULER niah_single_1/2 and niah_multikey_1/2 at the training length through
 the project's own ``lm-eval`` evaluator (``--eval-limit`` samples each, essays from ../shared/data/pg_essays), the
 held-out loss on TinyStories the teacher never saw, and a per-layer ablation (each layer's attention output
-replaced by its mean over held-out text): the drop in each niah task (greedy answer match on lm-eval's own
+replaced by its mean over held-out text): the drop in each niah task (16-token greedy generations on lm-eval's own
 samples) and in held-out loss, so the table says where retrieval lives.
 
 Outputs in ``--out``: ``teacher/`` (an HF Llama directory with its tokenizer, fp32 weights that are exactly the
@@ -21,7 +27,7 @@ split into pieces of ``--part-mb`` MiB, to move between machines: ``join`` rebui
 ``recall_teacher.json`` (settings, training log, tokens/s, RULER, ablation; ``--json`` elsewhere),
 ``recall_teacher.md`` (the tables) and ``recall_ablation.png``.
 
-    python bench/recall_teacher.py train --device cuda --minutes 7 --out runs/recall12/teacher_run         # one H200
+    python bench/recall_teacher.py train --device cuda --minutes 6.5 --out runs/recall12/teacher_run       # one H200
     python bench/recall_teacher.py train --device cpu --preset tiny --steps 20 --eval-limit 4 --out /tmp/rt  # smoke
     python bench/recall_teacher.py join runs/recall12/teacher_run runs/recall12/teacher                     # pieces -> teacher/
     python bench/recall_teacher.py corpus --teacher runs/recall12/teacher --out runs/recall12/corpus.jsonl --tokens 2e6
@@ -51,7 +57,7 @@ import recall_data as rd  # noqa: E402
 #: model and run shapes: recall12 is the issue's teacher; tiny is the CPU test's; cpu a CPU-sized check of the recipe
 PRESETS: dict[str, dict[str, Any]] = {
     "recall12": dict(layers=12, hidden=384, heads=6, kv_heads=2, mlp=1024, vocab=4096, seq=2048,
-                     batch_tokens=262_144, micro_tokens=65_536, lr=2e-3),
+                     batch_tokens=65_536, micro_tokens=65_536, lr=2e-3),
     "cpu": dict(layers=4, hidden=128, heads=2, kv_heads=1, mlp=384, vocab=2048, seq=512,
                 batch_tokens=16_384, micro_tokens=8_192, lr=3e-3),
     "tiny": dict(layers=2, hidden=64, heads=2, kv_heads=1, mlp=128, vocab=1024, seq=512,
@@ -79,6 +85,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = until --minutes)")
     t.add_argument("--warmup", type=float, default=0.03, help="warm-up share of the run")
     t.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer tokens' mean loss")
+    t.add_argument("--doc-max", type=int, default=0, help="longest retrieval document in every phase (0 = the curriculum's)")
     t.add_argument("--mix", default="", help="row kinds and shares, e.g. single_repeat=1,text=1 (default recall_data.DEFAULT_MIX)")
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--workers", type=int, default=-1, help="data processes (-1 = auto: 0 on CPU, up to 8 on CUDA)")
@@ -179,15 +186,23 @@ def flops_per_token(model: torch.nn.Module, T: int) -> float:
 
 
 # -- data -----------------------------------------------------------------------------------------------
-def lengths(seq: int) -> list[tuple[float, int]]:
-    """The curriculum: (end of phase as a share of the run, row length)."""
-    short = sorted({min(seq, n) for n in (512, 1024)} - {seq})
-    ends = [0.15, 0.35][: len(short)]
-    return list(zip(ends, short)) + [(1.0, seq)]
+#: the curriculum before rows of the full length: (end of phase as a share of the run, row length, longest document);
+#: the first phase draws recall_data.DENSE_MIX, the others the whole mix
+SHORT_PHASES = ((0.30, 512, 192), (0.40, 512, 512), (0.50, 1024, 1024))
 
 
-def row_length(progress: float, seq: int) -> int:
-    return next(T for end, T in lengths(seq) if progress < end or end == 1.0)
+def lengths(seq: int) -> list[tuple[float, int, int]]:
+    """The curriculum: (end of phase as a share of the run, row length, longest retrieval document). Short documents
+    packed several to a row first (many answers per row, needles close to their question), then longer ones."""
+    short = [(end, min(T, seq), min(d, seq)) for end, T, d in SHORT_PHASES if min(d, seq) < seq]
+    return short + [(1.0, seq, seq)]
+
+
+def phase(progress: float, seq: int) -> tuple[int, int, bool]:
+    """(row length, longest document, whether the dense mix) at ``progress`` in [0, 1)."""
+    phases = lengths(seq)
+    i = next(i for i, (end, _, _) in enumerate(phases) if progress < end or end == 1.0)
+    return phases[i][1], phases[i][2], i == 0 and len(phases) > 1
 
 
 _WORKER: dict[str, Any] = {}
@@ -198,8 +213,8 @@ def _init_worker(data: rd.RecallData) -> None:
     _WORKER["data"] = data
 
 
-def _worker_batch(seed: int, T: int, rows: int) -> tuple[Any, Any]:
-    return _WORKER["data"].batch(seed, T, rows)
+def _worker_batch(seed: int, T: int, rows: int, doc_max: int, mix: dict[str, float] | None) -> tuple[Any, Any]:
+    return _WORKER["data"].batch(seed, T, rows, doc_max, mix)
 
 
 class Batches:
@@ -219,13 +234,14 @@ class Batches:
     def _seed(self, i: int) -> int:
         return self.seed * 1_000_003 + i
 
-    def get(self, T: int, rows: int) -> tuple[Any, Any]:
+    def get(self, T: int, rows: int, doc_max: int, mix: dict[str, float] | None = None) -> tuple[Any, Any]:
         if self.pool is None:
             self.next_i += 1
-            return self.data.batch(self._seed(self.next_i - 1), T, rows)
-        self.queue = [q for q in self.queue if q[0] == (T, rows)]  # a new phase: drop batches of the old length
+            return self.data.batch(self._seed(self.next_i - 1), T, rows, doc_max, mix)
+        key = (T, rows, doc_max, tuple(sorted((mix or {}).items())))
+        self.queue = [q for q in self.queue if q[0] == key]  # a new phase: drop the old phase's batches
         while len(self.queue) < self.depth:
-            self.queue.append(((T, rows), self.pool.submit(_worker_batch, self._seed(self.next_i), T, rows)))
+            self.queue.append((key, self.pool.submit(_worker_batch, self._seed(self.next_i), T, rows, doc_max, mix)))
             self.next_i += 1
         return self.queue.pop(0)[1].result()
 
@@ -288,8 +304,10 @@ def train(model: torch.nn.Module, data: rd.RecallData, args: argparse.Namespace,
             progress["p"] = max(step / args.steps if args.steps else 0.0, elapsed / budget_s if budget_s else 0.0)
             if progress["p"] >= 1.0:
                 break
-            T = row_length(progress["p"], args.seq)
-            ids, flags = (torch.from_numpy(a) for a in batches.get(T, args.batch_tokens // T))
+            T, doc_max, dense = phase(progress["p"], args.seq)
+            doc_max = min(args.doc_max, T) if args.doc_max else doc_max
+            mix = rd.DENSE_MIX if dense and not args.mix else None  # --mix: the same kinds throughout
+            ids, flags = (torch.from_numpy(a) for a in batches.get(T, args.batch_tokens // T, doc_max, mix))
             n_all, n_ans = ids[:, 1:].numel(), int(flags[:, 1:].sum())  # on the host: no device sync
             ids, flags = ids.to(device, non_blocking=True), flags.to(device, non_blocking=True)
             for i in range(0, ids.shape[0], max(1, args.micro_tokens // T)):
@@ -309,7 +327,8 @@ def train(model: torch.nn.Module, data: rd.RecallData, args: argparse.Namespace,
             opt.step()
             step, tokens = step + 1, tokens + ids.numel()
             flops += flops_per_token(model, T) * ids.numel()
-            phases[T] = phases.get(T, 0) + ids.numel()
+            name = f"{T}/{doc_max}" + ("/dense" if mix else "")
+            phases[name] = phases.get(name, 0) + ids.numel()
             sums["n"] += n_all
             sums["n_ans"] += n_ans
             sums["tokens"] += ids.numel()
@@ -323,7 +342,7 @@ def train(model: torch.nn.Module, data: rd.RecallData, args: argparse.Namespace,
         batches.close()
     seconds = time.perf_counter() - t0
     return {"steps": step, "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
-            "tokens_by_row_length": {str(k): v for k, v in sorted(phases.items())}, "workers": workers,
+            "tokens_by_row_and_doc_length": phases, "workers": workers,
             "skipped_nonfinite_steps": skipped, "log": log}
 
 

@@ -50,6 +50,13 @@ def test_documents_hold_their_needles_and_answers(gen, kind):
             for ans in doc.answers:  # the needle holding it names a key that the question asks for
                 key = re.search(r"for (\S+) is: " + ans, doc.context).group(1)
                 assert key in doc.context.split("\n")[-1]
+        questions = doc.tail_text.split("\n")[1:]
+        assert len(questions) == len(doc.tail) == len(doc.tail_answers)
+        for q, ans in zip(questions, doc.tail_answers):  # each later question asks for another needle of the haystack
+            key = re.search(r"for (\S+) is: " + ans + r"\.", doc.context).group(1)
+            assert q.startswith(f"What is the special magic number for {key} mentioned") and q.endswith(f" is {ans}.")
+    if kind in ("multikey_essay", "multikey_needle"):
+        assert doc.tail  # several needles: more than one question
 
 
 def test_prompts_follow_lm_eval(gen):
@@ -72,10 +79,10 @@ def test_lengths_near_the_budget_and_split_tokenization(gen):
     rng = random.Random(2)
     for kind in NIAH + ("vt",):
         doc = data.document(rng, kind, 1500)
-        assert 1200 <= len(doc.ids) + len(doc.answer_ids) <= 1500, kind
+        assert 1200 <= doc.n_tokens <= 1500, kind
         if kind != "vt":  # the context ends before the answer's space, so both tokenize alike joined or split
-            joint = tok(doc.context + doc.answer, add_special_tokens=False)["input_ids"]
-            assert joint == list(doc.ids[1:]) + list(doc.answer_ids)
+            joint = tok(doc.context + doc.answer + doc.tail_text, add_special_tokens=False)["input_ids"]
+            assert joint == list(doc.ids[1:]) + list(doc.answer_ids) + [t for q, a in doc.tail for t in q + a]
 
 
 def test_rows_are_deterministic_and_flag_the_answers(gen):
@@ -85,11 +92,15 @@ def test_rows_are_deterministic_and_flag_the_answers(gen):
     c_ids, _ = data.batch(8, 512, 6)
     assert (a_ids == b_ids).all() and (a_flags == b_flags).all() and not (a_ids == c_ids).all()
     assert a_ids.shape == (6, 512)
+    docs = lambda ids, flags: int(((ids == tok.eos_token_id) & (flags == 1)).sum())  # noqa: E731 - one flagged EOS per document
+    assert docs(*data.batch(7, 512, 24, doc_max=160)) > docs(*data.batch(7, 512, 24))  # short documents: several per row
     for ids, flags in zip(a_ids, a_flags):
-        if flags.any():  # a retrieval row: BOS first, the answer and its EOS flagged, nothing else
+        if flags.any():  # a retrieval row: BOS first; the answers (and the EOS right after lm-eval's one) flagged, nothing else
             assert ids[0] == tok.bos_token_id
-            flagged = ids[flags.astype(bool)].tolist()
-            assert flagged[-1] == tok.eos_token_id and re.fullmatch(r" [\d, and]+\.|[A-Z ]+", tok.decode(flagged[:-1]))
+            text = tok.decode(ids[flags.astype(bool)].tolist(), skip_special_tokens=False)
+            assert re.fullmatch(r"(?:(?: [\d, and]+\.|[A-Z]{5}(?: [A-Z]{5})*)(?:</s>)?)+", text), text
+            for p in (ids == tok.eos_token_id).nonzero()[0]:
+                assert not flags[p] or flags[p - 1]  # a flagged EOS closes an answer
 
 
 def test_corpus_rows_fill_compare_blocks_exactly(gen, tmp_path):
@@ -135,8 +146,10 @@ def test_tiny_teacher_trains_is_measured_and_joins(gen, tmp_path):
 def test_curriculum_and_flops():
     import recall_teacher as rt
 
-    assert rt.lengths(2048) == [(0.15, 512), (0.35, 1024), (1.0, 2048)] and rt.lengths(512) == [(1.0, 512)]
-    assert [rt.row_length(p, 2048) for p in (0.0, 0.2, 0.5, 0.99)] == [512, 1024, 2048, 2048]
+    assert rt.lengths(2048) == [(0.3, 512, 192), (0.4, 512, 512), (0.5, 1024, 1024), (1.0, 2048, 2048)]
+    assert rt.lengths(512) == [(0.3, 512, 192), (1.0, 512, 512)]
+    assert [rt.phase(p, 2048) for p in (0.0, 0.35, 0.45, 0.6, 0.99)] == [
+        (512, 192, True), (512, 512, False), (1024, 1024, False), (2048, 2048, False), (2048, 2048, False)]
 
     class Tok:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
