@@ -239,7 +239,8 @@ def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, gr
     """Bytes per device (selection phase, final stage 2), on the host and on disk (host and disk: the machine's,
     all ranks together)."""
     d = cfg.distill
-    tokens = max(forward_tokens(cfg).values())
+    per_forward = forward_tokens(cfg)
+    tokens = max(per_forward.values())
     obytes = obytes or nbytes  # a probe's owned tensors: fp32 master copies of 16-bit weights on CUDA
     state = owned * obytes * 3  # parameters + AdamW's two moments
     student = counts.student(cfg.softmax_layers)
@@ -255,7 +256,7 @@ def _memory(counts: Counts, cfg: Any, nbytes: int, owned: int, per_rank: int, gr
            "disk": nproc * per_rank * state + (student * nbytes * 4 if d.stage2_tokens or d.stage3_tokens else 0)}
     mem["selection_total"] = sum(mem[k] for k in ("teacher", "stage1", "probes_gpu", "activations")) if per_rank else 0
     final = d.stage2_tokens or d.stage3_tokens
-    mem["stage2_activations"] = activations(forward_tokens(cfg)["stage2"]) if final else 0
+    mem["stage2_activations"] = activations(per_forward["stage2"]) if final else 0
     mem["stage2"] = (counts.teacher * nbytes + sharded + mem["stage2_activations"]) if final else 0
     mem["gpu_total"] = max(mem["selection_total"], mem["stage2"])
     return mem

@@ -87,3 +87,22 @@ def test_the_monitor_reads_the_process_tree_and_labels_phases(tmp_path):
     assert peaks["stage1"] == {"gpu_gib": 1.0, "host_gib": 1.0, "disk_gib": None}
     assert peaks["probes"] == {"gpu_gib": 4.0, "host_gib": 3.0, "disk_gib": 1.0}
     assert peaks["finish"]["host_gib"] == 1.0 and peaks["all"]["gpu_gib"] == 4.0
+
+
+def test_plan_vs_measured_pairs_each_phase_with_its_estimate():
+    plan = {"memory_gib": {"selection_total": 30.0, "stage2": 50.0}}
+    peaks = {"stage1": {"gpu_gib": 40.0}, "probes": {"gpu_gib": 60.0}, "stage2": {"gpu_gib": None}}
+    rows = sr.plan_vs_measured(plan, peaks)
+    assert [(r["phase"], r["plan_gib"], r["measured_gib"]) for r in rows] == [("stage1", 30.0, 40.0), ("probes", 30.0, 60.0)]
+    assert [r["ratio"] for r in rows] == [0.75, 0.5]  # stage 2 unmeasured: no row
+    assert sr.plan_vs_measured(None, peaks) == []
+
+
+def test_overrides_reach_the_run_and_its_plan_alike():
+    if not DATA.is_file() or not (TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip("needs ../shared/data/tinystories_val.txt and ../shared/teachers/stories260K for parse()")
+    base = ["--shape", "qwen2.5-3b", "--device", "cpu", "--data", str(DATA), "--tokenizer", str(TOKENIZER)]
+    assert sr.overrides(sr.parse(base), True) == []
+    args = sr.parse(base + ["--probe-trainable", "probed", "--set", "seed=1"])
+    assert sr.overrides(args, True) == ["selection.probe_trainable=probed", "seed=1"]
+    assert sr.overrides(args, False) == ["seed=1"]  # hybridize distill has no selection section
