@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20 on one GPU, in two device calls of under 10 minutes each (bench/README.md "recall_compare.sh"):
 #
-#   bench/recall_compare.sh teacher    # train the recall teacher (MINUTES=6.5), RULER through lm-eval, per-layer ablation
+#   bench/recall_compare.sh teacher    # train the recall teacher (MINUTES=6), RULER through lm-eval, per-layer ablation;
+#                                      # fla's kernels compile meanwhile in the background (WARMUP=0: not)
 #   bench/recall_compare.sh compare    # join the teacher from its pieces if it is not here, write the corpus, hybridize compare
 #   bench/recall_compare.sh check      # only the environment: versions, lm-eval / fla importable, the data found
 #
@@ -17,8 +18,9 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/recall12}
 PIECES=${PIECES:-$WORK/pieces}
 OUTDIR=${OUT:-$WORK/out}
-MINUTES=${MINUTES:-6.5}
+MINUTES=${MINUTES:-6}
 COMPARE_LIMIT_S=${COMPARE_LIMIT_S:-555}
+TEACHER_LIMIT_S=${TEACHER_LIMIT_S:-560}
 CORPUS_TOKENS=${CORPUS_TOKENS:-2097152}
 SEQ=${SEQ:-2048}                 # the teacher's row length, the corpus's blocks (the config's data.seq_len)
 DEVICE=${DEVICE:-cuda}
@@ -61,9 +63,20 @@ essays() { "$PY" -c 'import sys; sys.path.insert(0, "bench"); import recall_data
 
 teacher() {
   if [ -e "$WORK/teacher_run" ]; then echo "recall_compare.sh: $WORK/teacher_run exists; move it away (or run: compare)"; exit 2; fi
+  # fla's kernels compile while the teacher trains (it needs none of them): the compare call then finds them in
+  # TRITON_CACHE_DIR instead of spending its first minutes compiling (bench/fla_warmup.py)
+  warm=
+  if [ "$DEVICE" != cpu ] && [ "${WARMUP:-1}" = 1 ]; then
+    "$PY" bench/fla_warmup.py --preset recall12 > "$WORK/fla_warmup.log" 2>&1 &
+    warm=$!
+  fi
   set +e
-  "$PY" bench/recall_teacher.py train --device "$DEVICE" --minutes "$MINUTES" --out "$WORK/teacher_run" $TEACHER_ARGS 2>&1 | tee "$OUTDIR/teacher.log"
+  # TEACHER_LIMIT_S stops it inside a 10-minute device call; the pieces (written before the evaluation) still come back
+  timeout "$TEACHER_LIMIT_S" "$PY" bench/recall_teacher.py train --device "$DEVICE" --minutes "$MINUTES" --out "$WORK/teacher_run" $TEACHER_ARGS 2>&1 | tee "$OUTDIR/teacher.log"
   rc=${PIPESTATUS[0]}
+  if [ -n "$warm" ]; then
+    wait "$warm"; echo "recall_compare.sh: fla warm-up exit $? (log below)"; tail -n 20 "$WORK/fla_warmup.log"
+  fi
   set -e
   cp "$WORK"/teacher_run/recall_teacher.{json,md} "$WORK"/teacher_run/recall_ablation.png "$WORK"/teacher_run/teacher.bf16.tar.* "$OUTDIR/" 2>/dev/null || true
   return "$rc"

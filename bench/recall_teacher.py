@@ -455,9 +455,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     round_to_bf16(model)
     record["teacher"] = save_teacher(model, tok, out, args.part_mb)
     record["teacher"]["parts_dir"] = str(out)
+    json_path = Path(args.json) if args.json else out / "recall_teacher.json"
+    # the record so far, before the evaluation: a run stopped during it (a device call's time limit) still leaves
+    # pieces that `join` can check against their hash
+    from hybridize.atomic_io import write_json
+
+    write_json(json_path, {**record, "eval": None, "note": "written before the evaluation; replaced when it ends"})
     record["eval"] = re_.evaluate(model, tok, held, args, device)
     record["wall_s"] = round(time.perf_counter() - t_start, 1)
-    re_.write_report(record, out, Path(args.json) if args.json else out / "recall_teacher.json")
+    re_.write_report(record, out, json_path)
     return record
 
 
