@@ -30,7 +30,9 @@ budget, one line per selector) and ``OUT/compare_layers.png`` (selector x layer 
 often each layer was selected); ``OUT/metrics.jsonl`` (every step and selection window as it happens,
 tagged with its seed and selector or final variant, as ``run`` writes it). The observer hooks fire as in
 ``run``: run start / end once, step end per step and probe, selection done per selection. A killed compare resumes with ``--resume``: finished rows are kept
-in ``OUT/checkpoints/rows.json`` and a selection in progress resumes from its probe checkpoint.
+in ``OUT/checkpoints/rows.json``, finished final hybrids and the token ledgers in ``OUT/checkpoints/state.json``, a
+probe run trained to the whole budget in its ``probe_run.json``, and a selection in progress resumes from its probe
+checkpoint.
 """
 from __future__ import annotations
 
@@ -57,6 +59,17 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
+@attrs.frozen
+class _ProbeRun:
+    """What a replayed probe run needs of its engine (:func:`hybridize.selection.budgets.budget_view`)."""
+
+    cfg: Any
+    n_layers: int
+    ran_stage1: bool = False  # the run trained its variant's stage 1 (its modules are not kept: a final trains it again)
+    stage1_shared: bool = False
+    stage1_modules: Any = None
+
+
 @attrs.define(slots=False)
 class _Comparison:
     """The state of one ``hybridize compare``: shared teacher, finished rows, token ledgers."""
@@ -72,6 +85,7 @@ class _Comparison:
     progress: bool
     log: Any = None  # OUT/metrics.jsonl (hybridize.recipes.outputs.MetricsLog)
     checked_data: dict[int, Any] = attrs.Factory(dict)  # seed -> the data the preflight already packed
+    n_layers: int = 0
     # tokens actually spent vs the sum of what each row would spend alone (selection cost = teacher-forward
     # + stage-1 tokens, as in result.json; final = stage-2 (+ stage-3) tokens of its final hybrid, plus the
     # stage 1 of its variant where its selection did not already run it)
@@ -79,6 +93,9 @@ class _Comparison:
     standalone: dict[str, int] = attrs.Factory(lambda: {"selection": 0, "final_stage1": 0, "final_distill": 0})
 
     def __attrs_post_init__(self) -> None:
+        self.saved_finals: dict[str, Any] = {}  # "seed|variant|layers" -> a finished final hybrid (OUT/checkpoints/state.json)
+        self.saved_stage1: dict[str, Any] = {}  # "seed|variant" -> the tokens of that seed's stage 1 of the variant
+        self._load_state()
         self.done = {self._key(r["seed"], r["selector"], r["k"], r.get("probe_variant"), r.get("final_variant")) for r in self.rows}
         self.probes = self.ccfg.probe_variants or [self.base.selection.linear_attention or self.base.linear_attention]
         self.finals = self.ccfg.final_variants or [self.base.linear_attention]
@@ -86,6 +103,41 @@ class _Comparison:
     @staticmethod
     def _key(*parts: Any) -> tuple[Any, ...]:
         return tuple(parts)
+
+    # -- what a resumed compare keeps besides its rows ------------------------------------------------
+    # OUT/checkpoints/state.json: the token ledgers as of len(rows) finished rows, and every finished final hybrid
+    # (metrics, tokens, seconds), so a resume neither retrains a final another row already paid for nor forgets
+    # what was spent before it. A probe run trained to the whole budget (compare.verify_stop) leaves its record in
+    # its checkpoint folder (probe_run.json): a resume replays it instead of training the probes again.
+    def _state_path(self) -> Path:
+        return self.out / "checkpoints" / "state.json"
+
+    def _load_state(self) -> None:
+        path = self._state_path()
+        if not self.rows or not path.is_file():
+            return
+        state = json.loads(path.read_text())
+        self.saved_finals = dict(state.get("finals", {}))
+        self.saved_stage1 = dict(state.get("stage1_tokens", {}))
+        if state.get("rows") == len(self.rows):  # ledgers that match the finished rows (not after rows.json was cut)
+            self.spent.update(state["spent"])
+            self.standalone.update(state["standalone"])
+
+    def _save_state(self) -> None:
+        write_json(self.out / "checkpoints" / "rows.json", self.rows)
+        write_json(self._state_path(), {"rows": len(self.rows), "spent": self.spent, "standalone": self.standalone,
+                                        "finals": self.saved_finals, "stage1_tokens": self.saved_stage1})
+
+    def _stage1_tokens(self, seed: int, variant: str) -> dict[str, int]:
+        """The token counts of this seed's stage 1 of ``variant`` (this process's, or a run's before a resume)."""
+        if variant in self.stage1:
+            self.saved_stage1[f"{seed}|{variant}"] = self.stage1[variant][1]
+            return self.stage1[variant][1]
+        return self.saved_stage1[f"{seed}|{variant}"]
+
+    @staticmethod
+    def _final_key(seed: int, fvl: str, layers: Any) -> str:
+        return f"{seed}|{fvl}|{','.join(map(str, layers))}"
 
     def run_seed(self, seed: int) -> None:
         """Every selection of one seed (one per selector, budget and probe variant) and the final hybrids it needs."""
@@ -113,16 +165,19 @@ class _Comparison:
         if ran is not None:  # this call trained (a probe run trained to the whole budget serves the other budgets)
             self.spent["selection"] += ran["tokens"]["selection_cost"]
             if engine.stage1_shared:  # this selection reused the seed's stage 1 of its variant: it did not spend it again
-                self.spent["selection"] -= stage1_cost(self.stage1[pvl][1])
+                self.spent["selection"] -= stage1_cost(self._stage1_tokens(seed, pvl))
             elif engine.stage1_modules:
                 self.stage1[pvl] = (engine.stage1_modules, engine.stage1_tokens())
+                self._stage1_tokens(seed, pvl)
+            self._save_state()  # the ledgers with this run's tokens, before its rows
         for fv in finals:
             final = self._final(cfg, fv, selection["softmax_layers"])
-            if not (engine.stage1_modules and label(fv) == pvl):  # alone, this row's final would run its own stage 1
-                self.standalone["final_stage1"] += stage1_cost(self.stage1[label(fv)][1])
+            ran_stage1 = bool(engine.stage1_modules) or getattr(engine, "ran_stage1", False)
+            if not (ran_stage1 and label(fv) == pvl):  # alone, this row's final would run its own stage 1
+                self.standalone["final_stage1"] += stage1_cost(self._stage1_tokens(seed, label(fv)))
             self.standalone["final_distill"] += final["stage2_tokens"]
             self.rows.append(self._row(cfg, sel, pv, fv, selection, final))
-            write_json(self.out / "checkpoints" / "rows.json", self.rows)
+            self._save_state()
 
     def _select(self, cfg: RunConfig, seed: int, sel: ComponentRef, pv: ComponentRef, k: int) -> tuple[Any, dict[str, Any], Any]:
         """(engine, this budget's selection, the record of the run when this call trained one, else None).
@@ -138,12 +193,20 @@ class _Comparison:
         view = lambda eng, rec: budget_view(rec, k, cfg=eng.cfg, pm=self.pm, seed=seed, n_layers=eng.n_layers)  # noqa: E731
         if shared and key in self.shared:
             return self.shared[key][0], view(*self.shared[key]), None
+        ckpt_dir = self.out / "checkpoints" / f"seed{seed}" / ("shared" if shared else f"k{k}") / _slug(pvl) / _slug(label(sel))
+        saved = ckpt_dir / "probe_run.json"
+        if shared and saved.is_file():  # trained to the whole budget before a resume: replay its record
+            kept = json.loads(saved.read_text())
+            engine = _ProbeRun(cfg=attrs.evolve(cfg.selection), n_layers=self.n_layers, ran_stage1=kept["ran_stage1"])
+            self.shared[key] = (engine, kept["record"])
+            return engine, view(*self.shared[key]), None
         engine, record = select(teacher=self.teacher.model, data=self.data, cfg=cfg, variant=pv, pm=self.pm, device=self.device,
                                 k=k, progress=self.progress, stage1_from=self.stage1.get(pvl), log=self.log, run_to_budget=shared,
                                 context={"seed": seed, "selector": label(sel), "k": k, "probe_variant": pvl, "run_to_budget": shared},
-                                ckpt_dir=self.out / "checkpoints" / f"seed{seed}" / ("shared" if shared else f"k{k}") / _slug(pvl) / _slug(label(sel)))
+                                ckpt_dir=ckpt_dir)
         if not shared:
             return engine, record, record
+        write_json(saved, {"record": record, "ran_stage1": bool(engine.stage1_modules)})
         self.shared[key] = (engine, record)
         return engine, view(engine, record), record
 
@@ -154,13 +217,16 @@ class _Comparison:
         fvl, key = label(fv), (label(fv), tuple(layers))
         if key in self.final_cache:
             return {**self.final_cache[key], "reused": True}
+        if self._final_key(cfg.seed, fvl, layers) in self.saved_finals:  # finished before a resume
+            self.final_cache[key] = self.saved_finals[self._final_key(cfg.seed, fvl, layers)]
+            return {**self.final_cache[key], "reused": True}
         t0 = time.perf_counter()
         seed_dir = self.out / "checkpoints" / f"seed{cfg.seed}"
         cfg = attrs.evolve(cfg, linear_attention=fv)
         if fvl not in self.stage1:  # no selection so far ran this variant's stage 1: run the shared pass for the finals
             self.stage1[fvl] = shared_stage1(self.teacher.model, self.data, cfg, fv, pm=self.pm, device=self.device,
                                              ckpt_dir=seed_dir / f"stage1-{_slug(fvl)}", progress=self.progress)
-            self.spent["final_stage1"] += stage1_cost(self.stage1[fvl][1])
+            self.spent["final_stage1"] += stage1_cost(self._stage1_tokens(cfg.seed, fvl))
         name = f"{_slug(fvl)}-" + "-".join(map(str, layers))
         on_step = observe_steps(self.pm, self.log, seed=cfg.seed, final_variant=fvl, layers=list(layers)) if self.log else None
         student, report, _ = final_hybrid(
@@ -177,6 +243,7 @@ class _Comparison:
                                  "seconds": {"distill": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
         self.spent["final_distill"] += self.final_cache[key]["stage2_tokens"]
         self.spent["final_hybrids"] += 1
+        self.saved_finals[self._final_key(cfg.seed, fvl, layers)] = {k_: v for k_, v in self.final_cache[key].items() if k_ != "evals"}
         return self.final_cache[key]
 
     @staticmethod
@@ -254,7 +321,7 @@ def _open(base: RunConfig, ccfg: CompareConfig, out: str | Path, pm: Any, *, res
     rows: list[dict[str, Any]] = json.loads(rows_path.read_text()) if resume and rows_path.exists() else []
     check_resume_config(out, config, teacher=base.teacher, finished_rows=len(rows))
     run = _Comparison(base=base, ccfg=ccfg, out=out, teacher=teacher, pm=pm, device=device, ks=ks, rows=rows, progress=progress,
-                      checked_data={checked.seed: checked.data})
+                      checked_data={checked.seed: checked.data}, n_layers=checked.teacher.n_layers)
     return run, checked.teacher.n_layers, config
 
 

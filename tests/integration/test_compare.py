@@ -241,3 +241,52 @@ def test_verify_stop_reads_every_budget_off_one_probe_run(setup, tmp_path):
         assert c["saved_fraction"] == pytest.approx(1 - c["tokens_per_probe_at_stop"] / 1024)
         assert c["top_k_at_stop"] == row["softmax_layers"] and c["same_top_k"] == (sorted(c["top_k_at_budget"]) == row["softmax_layers"])
     assert "Stop criterion `rolling-jaccard` against the whole probe budget" in (tmp_path / "vTrue" / "compare.md").read_text()
+
+
+def test_resume_after_a_kill_replays_the_probe_run_and_keeps_the_ledgers(setup, tmp_path, monkeypatch):
+    """A compare killed between rows (a device call's time limit) resumes without training its probes or its
+    finished final hybrids again, and reports the same rows and token ledgers as a run that was never stopped."""
+    import hybridize.recipes.compare as cmp
+
+    root, teacher = setup
+    tree = config(root, teacher, selectors=["kl-greedy-add", "uniform"], seeds=[0], verify_stop=True)
+    tree["selection"] = {"stop": {"name": "rolling-jaccard", "windows": 2}, "probe_tokens": 1024, "eval_every": 1,
+                         "probe_checkpoints": "memory"}
+    base, ccfg = compare_config_from_dict(tree)
+    whole = cmp.compare(base, ccfg, tmp_path / "whole", progress=False)
+
+    calls = {"select": 0, "final": 0}
+    real_select, real_final = cmp.select, cmp.final_hybrid
+
+    def counting_select(**kw):
+        calls["select"] += bool(kw.get("run_to_budget"))  # probe runs only (uniform's selection has no probes)
+        return real_select(**kw)
+
+    def killing_final(*a, **kw):
+        calls["final"] += 1
+        if calls["final"] == 3:  # killed as the third distinct final hybrid starts
+            raise KeyboardInterrupt("time limit")
+        return real_final(*a, **kw)
+
+    monkeypatch.setattr(cmp, "select", counting_select)
+    monkeypatch.setattr(cmp, "final_hybrid", killing_final)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare(base, ccfg, tmp_path / "cut", progress=False)
+    done = json.loads((tmp_path / "cut" / "checkpoints" / "rows.json").read_text())
+    assert 0 < len(done) < len(whole["rows"]) and calls["select"] == 1
+    assert list((tmp_path / "cut" / "checkpoints").rglob("probe_run.json"))
+
+    calls.update(select=0, final=-100)
+    again = cmp.compare(base, ccfg, tmp_path / "cut", resume=True, progress=False)
+    assert calls["select"] == 0  # the probe run was replayed from probe_run.json, not trained again
+    assert calls["final"] == -100 + whole["tokens"]["spent"]["final_hybrids"] - 2  # only the unfinished finals trained
+    key = lambda r: (r["selector"], r["k"])  # noqa: E731
+    for a, b in zip(sorted(again["rows"], key=key), sorted(whole["rows"], key=key)):
+        assert (a["softmax_layers"], a["tokens"]) == (b["softmax_layers"], b["tokens"])
+        assert a["metrics"]["heldout_kl"] == pytest.approx(b["metrics"]["heldout_kl"], rel=1e-5)
+    assert again["tokens"]["standalone_sum"] == whole["tokens"]["standalone_sum"]
+    spent, spent_whole = again["tokens"]["spent"], whole["tokens"]["spent"]
+    # the one thing a resume pays again: the seed's stage 1 (the replayed probe run keeps no stage-1 modules)
+    assert {k: v for k, v in spent.items() if k != "final_stage1"} == {k: v for k, v in spent_whole.items() if k != "final_stage1"}
+    # (its cost: the stage-1 tokens and the teacher forward over them)
+    assert spent["final_stage1"] == spent_whole["final_stage1"] + 2 * base.distill.stage1_tokens
