@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="recall12", help="a recall_teacher.py preset: the model shape")
     p.add_argument("--variant", default="gdn", help="registered linear-attention name")
-    p.add_argument("--lengths", default="512,2048", help="training row lengths to run")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--shapes", default="16x512,4x2048",
+                   help="training shapes ROWSxLENGTH (the compare's stage-1 micro-batch, its probe / stage-2 batch)")
     args = p.parse_args(argv)
 
     import torch
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         print(json.dumps({"pass": name, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
 
-    for T in (int(x) for x in args.lengths.split(",")):
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, T), device=dev)
+    for B, T in (tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")):
+        ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
 
         def train_step(ids=ids) -> None:
             with autocast_for(dev):
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 student(input_ids=ids)
 
         timed(f"forward fp32 T={T}", fwd32)
-    prompt = torch.randint(0, cfg.vocab_size, (args.batch, 300), device=dev)
+    prompt = torch.randint(0, cfg.vocab_size, (4, 300), device=dev)
     mask = torch.ones_like(prompt)
     mask[0, :17] = 0  # left padding, as lm-eval batches prompts
 

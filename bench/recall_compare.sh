@@ -21,6 +21,11 @@ OUTDIR=${OUT:-$WORK/out}
 MINUTES=${MINUTES:-6}
 COMPARE_LIMIT_S=${COMPARE_LIMIT_S:-555}
 TEACHER_LIMIT_S=${TEACHER_LIMIT_S:-560}
+# a device call ends at 600 s whatever runs: the compare's limit is what is left of CALL_LIMIT_S after the join and
+# the corpus, less COPY_S for copying its files to $OUT (the first GPU call lost its rows to that arithmetic)
+CALL_LIMIT_S=${CALL_LIMIT_S:-585}
+COPY_S=${COPY_S:-15}
+START_S=$SECONDS
 CORPUS_TOKENS=${CORPUS_TOKENS:-2097152}
 SEQ=${SEQ:-2048}                 # the teacher's row length, the corpus's blocks (the config's data.seq_len)
 DEVICE=${DEVICE:-cuda}
@@ -90,10 +95,17 @@ compare() {
   [ -f "$WORK/corpus.jsonl" ] || "$PY" bench/recall_teacher.py corpus --teacher "$TEACHER" --out "$WORK/corpus.jsonl" --tokens "$CORPUS_TOKENS" --seq "$SEQ"
   resume=()
   [ -d "$WORK/compare" ] && resume=(--resume)   # a compare this script started (and the time limit stopped): go on
+  limit=$(( CALL_LIMIT_S - (SECONDS - START_S) - COPY_S ))
+  [ "$limit" -lt "$COMPARE_LIMIT_S" ] && COMPARE_LIMIT_S=$limit
+  echo "recall_compare.sh: compare limit ${COMPARE_LIMIT_S} s"
+  # the finished rows reach $OUT every 20 s, so even a call killed from outside brings back what was done
+  ( while sleep 20; do [ -f "$WORK/compare/checkpoints/rows.json" ] && cp "$WORK/compare/checkpoints/rows.json" "$OUTDIR/compare_rows_partial.json"; done ) &
+  copier=$!
   set +e
   timeout "$COMPARE_LIMIT_S" "$PY" -m hybridize compare configs/compare_recall12.yaml --out "$WORK/compare" "${resume[@]}" \
     --set "teacher=$TEACHER" --set "data.train=$WORK/corpus.jsonl" --set "evaluators.2.essays_dir=$(essays)" "$@" 2>&1 | tee "$OUTDIR/compare.log"
   rc=${PIPESTATUS[0]}
+  kill "$copier" 2>/dev/null
   set -e
   for f in compare.json compare.md compare_metrics.png compare_layers.png; do
     [ -f "$WORK/compare/$f" ] && cp "$WORK/compare/$f" "$OUTDIR/"

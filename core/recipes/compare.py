@@ -206,6 +206,7 @@ class _Comparison:
                                 ckpt_dir=ckpt_dir)
         if not shared:
             return engine, record, record
+        saved.parent.mkdir(parents=True, exist_ok=True)  # probe_checkpoints: memory leaves the folder unmade
         write_json(saved, {"record": record, "ran_stage1": bool(engine.stage1_modules)})
         self.shared[key] = (engine, record)
         return engine, view(engine, record), record
