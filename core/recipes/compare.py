@@ -128,11 +128,13 @@ class _Comparison:
         write_json(self._state_path(), {"rows": len(self.rows), "spent": self.spent, "standalone": self.standalone,
                                         "finals": self.saved_finals, "stage1_tokens": self.saved_stage1})
 
+    def _set_stage1(self, seed: int, variant: str, stage1: tuple[dict[int, Any], dict[str, int]]) -> None:
+        """This seed's stage 1 of ``variant`` (modules, token counts); its counts outlive a resume."""
+        self.stage1[variant] = stage1
+        self.saved_stage1[f"{seed}|{variant}"] = stage1[1]
+
     def _stage1_tokens(self, seed: int, variant: str) -> dict[str, int]:
         """The token counts of this seed's stage 1 of ``variant`` (this process's, or a run's before a resume)."""
-        if variant in self.stage1:
-            self.saved_stage1[f"{seed}|{variant}"] = self.stage1[variant][1]
-            return self.stage1[variant][1]
         return self.saved_stage1[f"{seed}|{variant}"]
 
     @staticmethod
@@ -167,8 +169,7 @@ class _Comparison:
             if engine.stage1_shared:  # this selection reused the seed's stage 1 of its variant: it did not spend it again
                 self.spent["selection"] -= stage1_cost(self._stage1_tokens(seed, pvl))
             elif engine.stage1_modules:
-                self.stage1[pvl] = (engine.stage1_modules, engine.stage1_tokens())
-                self._stage1_tokens(seed, pvl)
+                self._set_stage1(seed, pvl, (engine.stage1_modules, engine.stage1_tokens()))
             self._save_state()  # the ledgers with this run's tokens, before its rows
         for fv in finals:
             final = self._final(cfg, fv, selection["softmax_layers"])
@@ -197,7 +198,7 @@ class _Comparison:
         saved = ckpt_dir / "probe_run.json"
         if shared and saved.is_file():  # trained to the whole budget before a resume: replay its record
             kept = json.loads(saved.read_text())
-            engine = _ProbeRun(cfg=attrs.evolve(cfg.selection), n_layers=self.n_layers, ran_stage1=kept["ran_stage1"])
+            engine = _ProbeRun(cfg=cfg.selection, n_layers=self.n_layers, ran_stage1=kept["ran_stage1"])
             self.shared[key] = (engine, kept["record"])
             return engine, view(*self.shared[key]), None
         engine, record = select(teacher=self.teacher.model, data=self.data, cfg=cfg, variant=pv, pm=self.pm, device=self.device,
@@ -225,8 +226,8 @@ class _Comparison:
         seed_dir = self.out / "checkpoints" / f"seed{cfg.seed}"
         cfg = attrs.evolve(cfg, linear_attention=fv)
         if fvl not in self.stage1:  # no selection so far ran this variant's stage 1: run the shared pass for the finals
-            self.stage1[fvl] = shared_stage1(self.teacher.model, self.data, cfg, fv, pm=self.pm, device=self.device,
-                                             ckpt_dir=seed_dir / f"stage1-{_slug(fvl)}", progress=self.progress)
+            self._set_stage1(cfg.seed, fvl, shared_stage1(self.teacher.model, self.data, cfg, fv, pm=self.pm, device=self.device,
+                                             ckpt_dir=seed_dir / f"stage1-{_slug(fvl)}", progress=self.progress))
             self.spent["final_stage1"] += stage1_cost(self._stage1_tokens(cfg.seed, fvl))
         name = f"{_slug(fvl)}-" + "-".join(map(str, layers))
         on_step = observe_steps(self.pm, self.log, seed=cfg.seed, final_variant=fvl, layers=list(layers)) if self.log else None
