@@ -11,7 +11,8 @@
 # (default runs/recall12/pieces) and they are joined. Results go to $OUT (what a device call brings back; at most
 # 8 files), else WORK/out: teacher call: recall_teacher.json, recall_teacher.md, recall_ablation.png, teacher.log,
 # teacher.bf16.tar.NN (3 pieces of 16 MiB); compare call: compare.json, compare.md, compare_metrics.png,
-# compare_layers.png, compare.log (and compare_rows_partial.json when it ran out of time: run it again, it resumes).
+# compare_layers.png, compare.log, compare_state.tgz (the resume state without weights: carried back in PIECES, a compare
+# on a fresh machine resumes from it), and compare_rows_partial.json when it ran out of time: run it again, it resumes.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -88,6 +89,10 @@ teacher() {
 }
 
 compare() {
+  # a compare stopped on an earlier machine: its resume state came back as compare_state.tgz (carry it in PIECES)
+  if [ ! -d "$WORK/compare" ] && [ -f "$PIECES/compare_state.tgz" ]; then
+    tar xzf "$PIECES/compare_state.tgz" -C "$WORK" && echo "recall_compare.sh: resuming the compare of $PIECES/compare_state.tgz"
+  fi
   if [ ! -f "$TEACHER/config.json" ]; then
     ls "$PIECES"/teacher.bf16.tar.* >/dev/null 2>&1 || { echo "recall_compare.sh: no teacher in $TEACHER and no pieces in $PIECES: run 'teacher' first or carry its files to $PIECES"; exit 2; }
     "$PY" bench/recall_teacher.py join "$PIECES" "$TEACHER"
@@ -110,6 +115,9 @@ compare() {
   for f in compare.json compare.md compare_metrics.png compare_layers.png; do
     [ -f "$WORK/compare/$f" ] && cp "$WORK/compare/$f" "$OUTDIR/"
   done
+  # everything a resume on another machine needs, without model weights (rows, ledgers, probe-run records)
+  tar czf "$OUTDIR/compare_state.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' compare \
+    && echo "recall_compare.sh: resume state $(du -h "$OUTDIR/compare_state.tgz" | cut -f1) in compare_state.tgz" || true
   if [ "$rc" -ne 0 ]; then
     rows=0
     if [ -f "$WORK/compare/checkpoints/rows.json" ]; then
